@@ -1,0 +1,157 @@
+"""Run configuration: dataclasses whose fields become the CLI's flags, and the presets.
+
+Each field's ``metadata["help"]`` is its flag's help text; ``train.py`` builds one
+argparse group per dataclass. Precedence: dataclass defaults < preset < explicit flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _f(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class DataConfig:
+    data: str = _f("movielens-100k", "data source: movielens-100k | synthetic | csv:DIR "
+                   "(the BIGRec/D3/LatentR3 layout DIR/{train,valid,test}/*.csv + DIR/info/*.txt)")
+    train_split: str = _f("train", "split to train on (use 'valid' for ../shared/data/amazon-cds, "
+                          "which has no train split)")
+    eval_split: str = _f("test", "split to evaluate on")
+    template: str = _f("default", "prompt template: default (our wording, names the domain) | "
+                       "latentr3 (the release's exact strings, for reproduction)",
+                       choices=("default", "latentr3"))
+    sft_limit: int = _f(0, "SFT on a seeded sample of this many training rows (0 = all)")
+    rl_limit: int = _f(0, "RL on a seeded sample of this many training prompts (0 = all)")
+    valid_limit: int = _f(0, "validation loss on a seeded sample of this many rows (0 = all)")
+    eval_limit: int = _f(0, "evaluate a seeded sample of this many rows of the eval split "
+                         "(0 = all; splits are time-sorted, so the first N would be biased)")
+
+
+@dataclass
+class ModelConfig:
+    model: str = _f("smollm2-135m", "smollm2-135m (offline default) | tiny-random (tests) | "
+                    "a hub id | a local HF directory | a .gguf file")
+    latent: str = _f("ratt", "ratt: LatentRATT makes the thought vector r (LatentR3); "
+                     "last-hidden: r = last prompt hidden state (ablation 'w/o LatentRATT'); "
+                     "none: no thought token, plain SFT (ablation 'w/o reasoning' = BIGRec)",
+                     choices=("ratt", "last-hidden", "none"))
+    ratt_heads: int = _f(1, "LatentRATT attention heads (the release uses 1 head over d)")
+    ratt_rope_base: float = _f(1000.0, "RoPE base of LatentRATT's own rotary embedding")
+    dtype: str = _f("float32", "LLM weight dtype (LatentRATT always keeps fp32 master weights)",
+                    choices=("float32", "bfloat16", "float16"))
+
+
+@dataclass
+class SFTConfig:
+    sft_lr: float = _f(3e-4, "SFT learning rate (paper: from {3e-3, 3e-4, 3e-5})")
+    sft_batch_size: int = _f(128, "SFT global batch (examples per optimiser step)")
+    sft_micro_batch: int = _f(8, "SFT examples per forward/backward (gradient accumulation)")
+    sft_epochs: int = _f(3, "SFT epochs")
+    sft_warmup_steps: int = _f(20, "SFT linear warm-up steps, then linear decay to 0")
+    sft_weight_decay: float = _f(0.0, "AdamW weight decay in SFT")
+    patience: int = _f(1, "early stopping: epochs without validation-loss improvement")
+
+
+@dataclass
+class RLConfig:
+    rl_lr: float = _f(1e-4, "RL learning rate for LatentRATT (release: {1e-5,5e-5,1e-4,5e-4})")
+    rl_batch_size: int = _f(32, "prompts per RL optimiser step")
+    rl_micro_batch: int = _f(0, "prompts per RL forward (0 = the whole optimiser batch); "
+                             "the advantage pool is the micro-batch")
+    rl_epochs: int = _f(1, "RL epochs over the training prompts")
+    rl_max_steps: int = _f(0, "stop RL after this many optimiser steps (0 = no limit)")
+    rl_warmup_steps: int = _f(200, "RL warm-up steps, then cosine decay")
+    num_samples: int = _f(8, "K: rows per prompt, r^0 = r plus K-1 noisy r + sigma*eps")
+    sigma: float = _f(1.5, "standard deviation of the Gaussian noise on the latent (absolute)")
+    advantage: str = _f("batch", "advantage baseline: batch (paper Eq. 7) | group (ablation)",
+                        choices=("batch", "group"))
+
+
+@dataclass
+class TrainConfig:
+    grad_clip: float = _f(1.0, "gradient-norm clip in both stages")
+
+
+@dataclass
+class EvalConfig:
+    num_beams: int = _f(10, "beams (and returned titles) in constrained beam search")
+    length_penalty: float = _f(1.0, "beam score = sum log p / L^lp: 1.0 BIGRec, 0.0 D3")
+    max_new_tokens: int = _f(128, "longest title (tokens) the beam search may write")
+    eval_batch_size: int = _f(4, "users per beam-search batch")
+
+
+@dataclass
+class RunConfig:
+    stage: str = _f("all", "sft | rl | eval | all (sft -> rl -> eval after each)",
+                    choices=("sft", "rl", "eval", "all"))
+    preset: str = _f("", "smoke (tiny random model + synthetic data, < 1 min) | cpu (demo "
+                     "sized for 2 CPU cores; default without CUDA) | paper (the release's "
+                     "setting; default with CUDA)", choices=("", "smoke", "cpu", "paper"))
+    output_dir: str = _f("", "where checkpoints, logs and metrics go "
+                         "(default runs/<preset>-<timestamp>)")
+    checkpoint: str = _f("", "start from this saved LatentReasoner (e.g. OUTPUT_DIR/sft) "
+                         "instead of --model; needed for --stage rl/eval on their own")
+    seed: int = _f(42, "seed for sampling, noise and initialisation")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+# Presets only name the fields they change. "paper" = the release's hyper-parameters.
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": dict(model="tiny-random", data="synthetic", sft_limit=0, sft_batch_size=16,
+                  sft_micro_batch=8, sft_epochs=2, sft_warmup_steps=2, sft_lr=3e-3,
+                  rl_batch_size=8, rl_max_steps=2, rl_warmup_steps=1, rl_lr=1e-3,
+                  eval_limit=12, num_beams=5, max_new_tokens=24),
+    # Sized for 2 CPU cores with the straightforward (naive) paths: SmolLM2 does about
+    # 360 tokens/s forward and 100 tokens/s forward+backward there.
+    "cpu": dict(sft_limit=128, sft_batch_size=32, sft_micro_batch=8, sft_epochs=1,
+                sft_warmup_steps=1, sft_lr=3e-4, valid_limit=32, rl_limit=16,
+                rl_batch_size=8, rl_max_steps=2, rl_warmup_steps=1, rl_lr=1e-4,
+                eval_limit=60, eval_batch_size=4),
+    "paper": dict(sft_batch_size=128, sft_epochs=3, sft_lr=3e-4, sft_warmup_steps=20,
+                  rl_batch_size=32, rl_epochs=1, rl_warmup_steps=200, rl_lr=1e-4,
+                  num_samples=8, sigma=1.5, num_beams=10, dtype="bfloat16"),
+}
+
+
+def field_owner() -> dict[str, str]:
+    """Map each flag field name to the Config attribute (section) that holds it."""
+    owner: dict[str, str] = {}
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory()):  # type: ignore[misc]
+            if f.name in owner:
+                raise RuntimeError(f"config field {f.name!r} is defined twice")
+            owner[f.name] = section.name
+    return owner
+
+
+def build_config(preset: str, overrides: dict[str, Any]) -> Config:
+    """Defaults, then the preset's values, then ``overrides`` (explicit flags)."""
+    if preset and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    cfg = Config()
+    owner = field_owner()
+    values = {**PRESETS.get(preset, {}), **overrides, "preset": preset}
+    for name, value in values.items():
+        if name not in owner:
+            raise ValueError(f"unknown config field {name!r}")
+        setattr(getattr(cfg, owner[name]), name, value)
+    return cfg

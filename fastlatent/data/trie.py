@@ -1,0 +1,132 @@
+"""Prefix trie over the tokenised targets of catalogue titles (constrained decoding).
+
+Every inserted sequence is a title's target tokens followed by EOS, and EOS occurs only as
+the last token, so a node reached through an EOS edge is a completed title and has no
+children. A title that is a prefix of another title ("A" and "A B") is therefore
+unambiguous: "A" EOS and "A" "B" EOS are different paths.
+
+Nodes are numbered in insertion order; node 0 is the root (the empty prefix). The same
+numbering is used by :meth:`TitleTrie.walk` and :meth:`TitleTrie.to_csr`, so a tensor
+engine can step through the CSR arrays and the Python trie interchangeably.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+ROOT = 0
+
+
+@dataclass
+class TitleTrie:
+    """A set of EOS-terminated token sequences, stored as a trie.
+
+    ``children[n]`` maps a token id to the child node it leads to. Build it with
+    :meth:`from_sequences`; the fields are not meant to be filled by hand.
+    """
+
+    eos_token_id: int
+    children: list[dict[int, int]] = field(default_factory=lambda: [{}])
+    num_sequences: int = 0
+    max_length: int = 0  # tokens in the longest sequence, EOS included
+
+    @classmethod
+    def from_sequences(cls, seqs: Iterable[Sequence[int]], eos_token_id: int) -> TitleTrie:
+        """Build the trie of ``seqs``; each must be non-empty, end in EOS and hold EOS
+        nowhere else. Duplicates are stored once. An empty collection is an error."""
+        trie = cls(eos_token_id=int(eos_token_id))
+        inserted_any = False
+        for seq in seqs:
+            trie._insert(seq)
+            inserted_any = True
+        if not inserted_any:
+            raise ValueError("expected at least one sequence, got none")
+        return trie
+
+    def _insert(self, seq: Sequence[int]) -> None:
+        tokens = [int(t) for t in seq]
+        if not tokens or tokens[-1] != self.eos_token_id:
+            raise ValueError(
+                f"expected a sequence ending in eos {self.eos_token_id}, got {tokens}"
+            )
+        if self.eos_token_id in tokens[:-1]:
+            raise ValueError(f"expected eos only as the last token, got {tokens}")
+        self.max_length = max(self.max_length, len(tokens))
+        node = ROOT
+        for token in tokens:
+            child = self.children[node].get(token)
+            if child is None:
+                child = len(self.children)
+                self.children.append({})
+                self.children[node][token] = child
+                if token == self.eos_token_id:
+                    self.num_sequences += 1
+            node = child
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.children)
+
+    def walk(self, node: int, token: int) -> int:
+        """The child of ``node`` along ``token``, or -1 when there is no such edge."""
+        if not 0 <= node < len(self.children):
+            raise ValueError(f"expected a node id in [0, {len(self.children)}), got {node}")
+        return self.children[node].get(int(token), -1)
+
+    def node_of(self, prefix: Sequence[int]) -> int:
+        """The node reached from the root by ``prefix``, or -1 when it leaves the trie."""
+        node = ROOT
+        for token in prefix:
+            node = self.children[node].get(int(token), -1)
+            if node < 0:
+                return -1
+        return node
+
+    def allowed(self, prefix: Sequence[int]) -> list[int]:
+        """Sorted token ids that may follow ``prefix``; empty when ``prefix`` is not in
+        the trie or is already a completed sequence."""
+        node = self.node_of(prefix)
+        return sorted(self.children[node]) if node >= 0 else []
+
+    def contains(self, seq: Sequence[int]) -> bool:
+        """True when ``seq`` is one complete inserted sequence (ending in EOS)."""
+        return len(seq) > 0 and int(seq[-1]) == self.eos_token_id and self.node_of(seq) >= 0
+
+    def __len__(self) -> int:
+        """Number of distinct complete sequences."""
+        return self.num_sequences
+
+    def sequences(self) -> Iterator[tuple[int, ...]]:
+        """Every distinct complete sequence, in lexicographic token order."""
+        stack: list[tuple[int, tuple[int, ...]]] = [(ROOT, ())]
+        while stack:
+            node, prefix = stack.pop()
+            if prefix and prefix[-1] == self.eos_token_id:
+                yield prefix
+                continue
+            for token in sorted(self.children[node], reverse=True):
+                stack.append((self.children[node][token], prefix + (token,)))
+
+    def to_csr(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compressed sparse rows of the edge lists, all int64 on the CPU.
+
+        Returns ``(node_token_offsets [num_nodes + 1], child_tokens [E], child_nodes [E])``:
+        the children of node ``n`` are ``child_tokens[offsets[n]:offsets[n + 1]]`` (sorted
+        ascending) leading to ``child_nodes[offsets[n]:offsets[n + 1]]``. Node 0 is the root.
+        """
+        offsets = [0]
+        tokens: list[int] = []
+        nodes: list[int] = []
+        for edges in self.children:
+            for token in sorted(edges):
+                tokens.append(token)
+                nodes.append(edges[token])
+            offsets.append(len(tokens))
+        return (
+            torch.tensor(offsets, dtype=torch.int64),
+            torch.tensor(tokens, dtype=torch.int64),
+            torch.tensor(nodes, dtype=torch.int64),
+        )

@@ -1,0 +1,1 @@
+"""Shared-prefix decoding, scoring, rewards, advantages and losses."""

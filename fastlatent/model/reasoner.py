@@ -1,0 +1,195 @@
+"""LatentReasoner: a Hugging Face causal LM + LatentRATT + the thought token.
+
+The prompt ends in the thought token (prompts are left-padded, so it sits in the last
+column of every row). Its input embedding is replaced by ``r``, which LatentRATT computes
+from the LLM's final-norm hidden states of the prompt without that column.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastlatent.data.batch import positions_from_mask
+from fastlatent.data.tokenizer import THOUGHT_TOKEN, add_thought_token
+from fastlatent.model.latent_ratt import LatentRATT, last_real_index
+
+LATENT_MODES = ("ratt", "last-hidden", "none")
+FORMAT_VERSION = 1
+CONFIG_FILE, RATT_FILE, LLM_DIR = "fastlatent.json", "latent_ratt.safetensors", "llm"
+
+
+@dataclass
+class ReasonerConfig:
+    latent: str = "ratt"  # ratt | last-hidden | none
+    ratt_heads: int = 1
+    ratt_rope_base: float = 1000.0
+    thought_token: str = THOUGHT_TOKEN
+    thought_token_id: int = -1  # set by LatentReasoner.build when a latent is used
+
+    def __post_init__(self):
+        if self.latent not in LATENT_MODES:
+            raise ValueError(f"expected latent in {LATENT_MODES}, got {self.latent!r}")
+
+
+class LatentReasoner(nn.Module):
+    def __init__(self, llm: nn.Module, tokenizer, config: ReasonerConfig,
+                 ratt: LatentRATT | None = None):
+        super().__init__()
+        self.llm, self.tokenizer, self.config = llm, tokenizer, config
+        if config.latent == "ratt" and ratt is None:
+            raise ValueError("latent='ratt' needs a LatentRATT module")
+        self.ratt = ratt.float() if ratt is not None else None
+
+    @classmethod
+    def build(cls, llm: nn.Module, tokenizer, config: ReasonerConfig) -> LatentReasoner:
+        """Add the thought token (resizing the embeddings) and a fresh LatentRATT."""
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        ratt = None
+        if config.latent != "none":
+            config.thought_token_id = add_thought_token(tokenizer)
+            if llm.get_input_embeddings().num_embeddings < len(tokenizer):
+                llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        if config.latent == "ratt":
+            ratt = LatentRATT(llm.config.hidden_size, config.ratt_heads, config.ratt_rope_base)
+            ratt.to(llm.device)
+        return cls(llm, tokenizer, config, ratt)
+
+    # ---- properties --------------------------------------------------------------
+    @property
+    def uses_latent(self) -> bool:
+        return self.config.latent != "none"
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The transformer body whose output is the final-norm hidden state."""
+        body = self.llm.base_model
+        if body is self.llm:
+            raise ValueError(f"{type(self.llm).__name__} exposes no separate decoder body "
+                             "(base_model); fastlatent needs a causal LM with one")
+        return body
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.ratt is not None:  # fp32 master weights whatever the LLM's dtype
+            for p in self.ratt.parameters():
+                if p.dtype != torch.float32:
+                    p.data = p.data.float()
+        return self
+
+    # ---- the latent ----------------------------------------------------------------
+    def check_prompt(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
+        if prompt_ids.dim() != 2 or prompt_ids.shape != prompt_mask.shape:
+            raise ValueError(f"expected prompt_ids and prompt_mask [B, L] of one shape, got "
+                             f"{tuple(prompt_ids.shape)} and {tuple(prompt_mask.shape)}")
+        if not self.uses_latent:
+            return
+        last = prompt_ids[:, -1]
+        if not bool((last == self.config.thought_token_id).all() & prompt_mask[:, -1].bool().all()):
+            raise ValueError("with a latent, prompts must be left-padded and end in the thought "
+                             f"token {self.config.thought_token!r} "
+                             f"(id {self.config.thought_token_id}) in every row")
+
+    def prefix_hidden(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states [B, L', d] of the prompt, thought column excluded."""
+        ids, mask = (prompt_ids[:, :-1], prompt_mask[:, :-1]) if self.uses_latent else (
+            prompt_ids, prompt_mask)
+        out = self.decoder(input_ids=ids, attention_mask=mask,
+                           position_ids=positions_from_mask(mask), use_cache=False)
+        return out.last_hidden_state
+
+    def thought(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """r [B, d] float32 from prefix hidden states (``mask`` without the thought column)."""
+        if self.config.latent == "ratt":
+            return self.ratt(hidden, mask)
+        if self.config.latent == "last-hidden":
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            return hidden[rows, last_real_index(mask)].float()
+        raise ValueError("this model has no latent (latent='none')")
+
+    def latent(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        self.check_prompt(prompt_ids, prompt_mask)
+        return self.thought(self.prefix_hidden(prompt_ids, prompt_mask), prompt_mask[:, :-1])
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_input_embeddings()(ids)
+
+    def prompt_embeds(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                      r: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings [B, L, d] of the prompt; with a latent, the thought column holds
+        ``r`` (computed here when not given)."""
+        self.check_prompt(prompt_ids, prompt_mask)
+        emb = self.embed(prompt_ids)
+        if not self.uses_latent:
+            return emb
+        if r is None:
+            r = self.latent(prompt_ids, prompt_mask)
+        return torch.cat((emb[:, :-1], r[:, None].to(emb.dtype)), dim=1)
+
+    # ---- checkpoints -----------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write LLM (save_pretrained), tokenizer, LatentRATT (safetensors) and config.
+
+        Atomic: everything goes to a temporary sibling directory that replaces
+        ``directory`` only once complete, so a crash never leaves a half checkpoint.
+        """
+        from safetensors.torch import save_file
+
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        self.llm.save_pretrained(tmp / LLM_DIR)
+        self.tokenizer.save_pretrained(tmp / LLM_DIR)
+        if self.ratt is not None:
+            state = {k: v.detach().float().contiguous().cpu()
+                     for k, v in self.ratt.state_dict().items()}
+            save_file(state, str(tmp / RATT_FILE))
+        meta = {"format_version": FORMAT_VERSION, "hidden_size": self.llm.config.hidden_size,
+                **asdict(self.config)}
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, *, dtype: str | None = None) -> LatentReasoner:
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from fastlatent.model.loading import DTYPES
+
+        src = Path(directory)
+        if not (src / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{src} is not a fastlatent checkpoint (no {CONFIG_FILE}); "
+                                    "pass the directory LatentReasoner.save wrote")
+        meta = json.loads((src / CONFIG_FILE).read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{src}: checkpoint format {meta.get('format_version')} is not "
+                             f"the supported {FORMAT_VERSION}")
+        hidden_size = meta.pop("hidden_size")
+        meta.pop("format_version")
+        config = ReasonerConfig(**meta)
+        kwargs = {"dtype": DTYPES[dtype]} if dtype else {}
+        llm = AutoModelForCausalLM.from_pretrained(src / LLM_DIR, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(src / LLM_DIR)
+        ratt = None
+        if config.latent == "ratt":
+            ratt = LatentRATT(hidden_size, config.ratt_heads, config.ratt_rope_base)
+            ratt.load_state_dict(load_file(str(src / RATT_FILE)))
+        return cls(llm, tokenizer, config, ratt)

@@ -1,0 +1,109 @@
+"""The stages in order, on one dataset and one model: SFT -> RL -> evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fastlatent.config import Config
+from fastlatent.data.example import Dataset, Example
+from fastlatent.data.prompt import TEMPLATES, PromptBuilder
+from fastlatent.data.sampling import seeded_sample
+from fastlatent.data.sources import holdout_slice, item_frequencies, load_dataset
+from fastlatent.evaluate import build_title_trie, evaluate, write_predictions
+from fastlatent.metrics import popular_items
+from fastlatent.model.loading import load_llm
+from fastlatent.model.reasoner import LatentReasoner, ReasonerConfig
+from fastlatent.rl import run_rl
+from fastlatent.runlog import StepLog
+from fastlatent.sft import run_sft
+
+
+@dataclass
+class Splits:
+    train: list[Example]
+    valid: list[Example]
+    eval: list[Example]
+
+
+def choose_splits(dataset: Dataset, cfg: Config) -> Splits:
+    """Training, early-stopping and evaluation rows. When the validation split is the
+    training split (or there is none), early stopping uses a seeded 5% slice held out of
+    the training rows; the evaluation split is never used for it."""
+    d, seed = cfg.data, cfg.run.seed
+    train = dataset.split(d.train_split)
+    evaluation = dataset.split(d.eval_split)
+    if d.train_split == "valid" or "valid" not in dataset.splits or d.eval_split == "valid":
+        train, valid = holdout_slice(train, fraction=0.05, seed=seed)
+    else:
+        valid = dataset.split("valid")
+    return Splits(train, seeded_sample(valid, d.valid_limit, seed),
+                  seeded_sample(evaluation, d.eval_limit, seed))
+
+
+def build_reasoner(cfg: Config, dataset: Dataset, device: torch.device) -> LatentReasoner:
+    if cfg.run.checkpoint:
+        reasoner = LatentReasoner.load(cfg.run.checkpoint, dtype=cfg.model.dtype)
+    else:
+        m = cfg.model
+        texts = list(dataset.catalogue.distinct_titles)
+        template = TEMPLATES[cfg.data.template]  # so tiny-random's BPE learns the prompt too
+        texts += [template.preamble.format(domain=dataset.domain),
+                  template.user_input.format(domain=dataset.domain, history="")] * 8
+        llm, tokenizer = load_llm(m.model, dtype=m.dtype, tokenizer_texts=texts,
+                                  seed=cfg.run.seed)
+        reasoner = LatentReasoner.build(llm, tokenizer, ReasonerConfig(
+            latent=m.latent, ratt_heads=m.ratt_heads, ratt_rope_base=m.ratt_rope_base))
+    return reasoner.to(device)
+
+
+def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog
+                 ) -> dict[str, dict[str, Any]]:
+    """Run ``cfg.run.stage``; returns metrics keyed by the stage after which they were taken."""
+    seed, stage = cfg.run.seed, cfg.run.stage
+    if stage in ("rl", "eval") and not cfg.run.checkpoint and cfg.model.model != "tiny-random":
+        tqdm.write(f"note: --stage {stage} without --checkpoint starts from the base model "
+                   f"{cfg.model.model!r}, not from an SFT checkpoint")
+    dataset = load_dataset(cfg.data.data, seed=seed)
+    splits = choose_splits(dataset, cfg)
+    reasoner = build_reasoner(cfg, dataset, device)
+    builder = PromptBuilder(reasoner.tokenizer, template=cfg.data.template,
+                            domain=dataset.domain, use_thought=reasoner.uses_latent)
+    trie = build_title_trie(builder, dataset.catalogue)
+    popular = popular_items(item_frequencies(splits.train))
+    log.write("data", "splits", train=len(splits.train), valid=len(splits.valid),
+              eval=len(splits.eval), catalogue=len(dataset.catalogue), titles=len(trie))
+    metrics: dict[str, dict[str, Any]] = {}
+
+    def run_eval(name: str) -> None:
+        result = evaluate(reasoner, splits.eval, builder, trie, cfg.eval, popular=popular,
+                          seed=seed, desc=f"eval after {name}")
+        metrics[name] = result.metrics
+        write_predictions(out / f"predictions_{name}.jsonl", result.predictions)
+        log.write(name, "eval", **{k: v for k, v in result.metrics.items()})
+
+    if stage in ("sft", "all"):
+        encode = builder.encode
+        train = [encode(ex) for ex in seeded_sample(splits.train, cfg.data.sft_limit, seed)]
+        valid = [encode(ex) for ex in splits.valid]
+        result = run_sft(reasoner, train, valid, cfg.sft, grad_clip=cfg.train.grad_clip,
+                         output_dir=out, log=log, seed=seed)
+        if result.epochs_run - 1 != result.best_epoch:
+            tqdm.write(f"SFT: reloading the best checkpoint (epoch {result.best_epoch + 1})")
+            reasoner = LatentReasoner.load(result.checkpoint, dtype=cfg.model.dtype).to(device)
+        run_eval("sft")
+    if stage == "all" and reasoner.ratt is None:
+        tqdm.write(f"RL skipped: latent={cfg.model.latent!r} has no LatentRATT to train")
+    elif stage in ("rl", "all"):
+        prompts = [builder.encode(ex)
+                   for ex in seeded_sample(splits.train, cfg.data.rl_limit, seed + 1)]
+        run_rl(reasoner, prompts, cfg.rl, grad_clip=cfg.train.grad_clip, output_dir=out,
+               log=log, seed=seed)
+        run_eval("rl")
+    if stage == "eval":
+        run_eval("eval")
+    return metrics

@@ -1,0 +1,109 @@
+"""Stage 1, SFT warm-up: full fine-tune on -log p(y | x, r) over target + EOS.
+
+Token-weighted cross-entropy over each optimiser batch (micro-batches accumulate),
+AdamW, linear warm-up then linear decay, gradient clipping, validation loss after every
+epoch, early stopping with patience, and the best checkpoint kept on disk.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from fastlatent.config import SFTConfig
+from fastlatent.data.batch import EncodedExample, collate
+from fastlatent.data.sampling import chunks, shuffled_batches
+from fastlatent.model.reasoner import LatentReasoner
+from fastlatent.runlog import StepLog
+from fastlatent.schedules import warmup_linear_decay
+from fastlatent.testing.naive_steps import naive_sft_step
+
+
+@dataclass
+class SFTResult:
+    best_valid_loss: float
+    best_epoch: int
+    epochs_run: int
+    steps: int
+    checkpoint: Path
+
+
+def validation_loss(reasoner: LatentReasoner, examples: Sequence[EncodedExample],
+                    micro_batch: int) -> float:
+    """Token-weighted mean NLL over ``examples`` (no gradient)."""
+    pad = reasoner.tokenizer.pad_token_id
+    total, tokens = 0.0, 0
+    was_training = reasoner.training
+    reasoner.eval()
+    with torch.no_grad():
+        for part in chunks(examples, micro_batch):
+            out = naive_sft_step(reasoner, collate(part, pad).to(reasoner.device))
+            total, tokens = total + float(out.nll_sum), tokens + out.num_tokens
+    reasoner.train(was_training)
+    return total / max(1, tokens)
+
+
+def run_sft(reasoner: LatentReasoner, train: Sequence[EncodedExample],
+            valid: Sequence[EncodedExample], cfg: SFTConfig, *, grad_clip: float,
+            output_dir: Path, log: StepLog, seed: int) -> SFTResult:
+    """Train in place; returns where the best checkpoint (by validation loss) lies.
+
+    The model in memory is the LAST epoch's; load the checkpoint for the best one.
+    """
+    if not train:
+        raise ValueError("SFT needs at least one training example")
+    if not valid:
+        raise ValueError("SFT needs validation examples for early stopping")
+    for p in reasoner.parameters():
+        p.requires_grad_(True)
+    params = [p for p in reasoner.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=cfg.sft_weight_decay)
+    steps_per_epoch = math.ceil(len(train) / cfg.sft_batch_size)
+    total_steps = steps_per_epoch * cfg.sft_epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_linear_decay(cfg.sft_warmup_steps, total_steps))
+    pad = reasoner.tokenizer.pad_token_id
+    checkpoint = output_dir / "sft"
+    best, best_epoch, bad_epochs, step, epoch = math.inf, -1, 0, 0, 0
+    log.write("sft", "start", train=len(train), valid=len(valid), total_steps=total_steps)
+    for epoch in range(cfg.sft_epochs):
+        reasoner.train()
+        bar = tqdm(shuffled_batches(train, cfg.sft_batch_size, seed + epoch),
+                   total=steps_per_epoch, desc=f"SFT epoch {epoch + 1}/{cfg.sft_epochs}",
+                   unit="step", dynamic_ncols=True)
+        for batch in bar:
+            n_tokens = sum(len(ex.target_ids) for ex in batch)
+            loss_sum = 0.0
+            for part in chunks(batch, cfg.sft_micro_batch):
+                out = naive_sft_step(reasoner, collate(part, pad).to(reasoner.device))
+                (out.nll_sum / n_tokens).backward()
+                loss_sum += float(out.nll_sum.detach())
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss = loss_sum / n_tokens
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            log.write("sft", "step", step=step, epoch=epoch, loss=loss, grad_norm=grad_norm,
+                      lr=lr, examples=len(batch), tokens=n_tokens)
+        valid_loss = validation_loss(reasoner, valid, cfg.sft_micro_batch)
+        improved = valid_loss < best
+        log.write("sft", "epoch", epoch=epoch, valid_loss=valid_loss, improved=improved)
+        tqdm.write(f"SFT epoch {epoch + 1}: validation loss {valid_loss:.4f}"
+                   + (" (best, saved)" if improved else ""))
+        if improved:
+            best, best_epoch, bad_epochs = valid_loss, epoch, 0
+            reasoner.save(checkpoint)
+        else:
+            bad_epochs += 1
+            if bad_epochs >= cfg.patience:
+                tqdm.write(f"SFT: early stop after epoch {epoch + 1} (patience {cfg.patience})")
+                break
+    return SFTResult(best, best_epoch, epoch + 1, step, checkpoint)

@@ -1,0 +1,1 @@
+"""Naive reference oracles and test helpers; never imported by the runtime."""

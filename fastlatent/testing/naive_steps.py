@@ -1,0 +1,101 @@
+"""Naive reference training steps (the oracles every fast path is tested against).
+
+They do what the authors' release does: full sequences, full ``[rows, tokens, vocab]``
+logits, no reuse of the prompt's KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastlatent.data.batch import Batch, positions_from_mask
+from fastlatent.engine.grpo import latent_grpo_loss, ppl_rewards
+from fastlatent.model.reasoner import LatentReasoner
+
+
+def target_logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] in float32; logits [..., V], targets [...]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+
+
+@dataclass
+class SFTStepOutput:
+    nll_sum: torch.Tensor  # scalar, sum of -log p over target tokens (with gradient)
+    num_tokens: int
+
+
+def naive_sft_step(reasoner: LatentReasoner, batch: Batch) -> SFTStepOutput:
+    """Cross-entropy over target + EOS, the release's way: one full pass over the prompt
+    for r, then a second full pass over [prompt, r, target]; gradients through both."""
+    prompt = reasoner.prompt_embeds(batch.prompt_ids, batch.prompt_mask)
+    embeds = torch.cat((prompt, reasoner.embed(batch.target_ids)), dim=1)
+    mask = torch.cat((batch.prompt_mask, batch.target_mask), dim=1)
+    logits = reasoner.llm(inputs_embeds=embeds, attention_mask=mask,
+                          position_ids=positions_from_mask(mask), use_cache=False).logits
+    length, t = batch.prompt_ids.shape[1], batch.target_ids.shape[1]
+    logp = target_logprobs_from_logits(logits[:, length - 1:length - 1 + t], batch.target_ids)
+    weight = batch.target_mask.to(logp.dtype)
+    return SFTStepOutput(-(logp * weight).sum(), int(batch.target_mask.sum()))
+
+
+@dataclass
+class RLStepOutput:
+    loss: torch.Tensor  # scalar, gradient reaches LatentRATT only
+    rewards: torch.Tensor  # [B, K] float32
+    advantages: torch.Tensor  # [B, K] float32
+    token_logprobs: torch.Tensor  # [B, K, T] float32, 0 where the target is padding
+
+
+def sample_noise(batch: int, k: int, dim: int, *, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """eps [B, K, d] ~ N(0, I) with eps[:, 0] = 0, so row 0 carries r itself."""
+    eps = torch.randn(batch, k, dim, generator=generator, device="cpu").to(device)
+    eps[:, 0] = 0
+    return eps
+
+
+def naive_rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma: float,
+                  pool: str = "batch", noise: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None, eps: float = 1e-6) -> RLStepOutput:
+    """Latent GRPO loss for one micro-batch (= the advantage pool), straightforwardly.
+
+    r from one prefix pass (the LLM is frozen, so without gradient); then, for each
+    prompt, one forward over its K full rows [prompt, r + sigma*eps_k, target] with full
+    logits; rewards from that same pass. ``noise`` [B, K, d] overrides sampling
+    (row 0 must be zero for r^0 = r).
+    """
+    if k < 1:
+        raise ValueError(f"expected k >= 1, got {k}")
+    if not reasoner.uses_latent:
+        raise ValueError("RL needs a latent: this model was built with latent='none'")
+    reasoner.check_prompt(batch.prompt_ids, batch.prompt_mask)
+    b, d = len(batch), reasoner.llm.config.hidden_size
+    with torch.no_grad():
+        hidden = reasoner.prefix_hidden(batch.prompt_ids, batch.prompt_mask)
+    r = reasoner.thought(hidden, batch.prompt_mask[:, :-1])  # [B, d] fp32, grad to LatentRATT
+    if noise is None:
+        noise = sample_noise(b, k, d, generator=generator, device=r.device)
+    if noise.shape != (b, k, d):
+        raise ValueError(f"expected noise [{b}, {k}, {d}], got {tuple(noise.shape)}")
+    latents = r[:, None] + sigma * noise.to(r)  # [B, K, d]
+    t = batch.target_ids.shape[1]
+    rows = []
+    for i in range(b):
+        prompt_ids = batch.prompt_ids[i, :-1][batch.prompt_mask[i, :-1].bool()]
+        target_ids = batch.target_ids[i][batch.target_mask[i].bool()]
+        n_prompt, n_target = prompt_ids.numel(), target_ids.numel()
+        prompt = reasoner.embed(prompt_ids)[None].expand(k, -1, -1)
+        target = reasoner.embed(target_ids)[None].expand(k, -1, -1)
+        embeds = torch.cat((prompt, latents[i, :, None].to(prompt.dtype), target), dim=1)
+        logits = reasoner.llm(inputs_embeds=embeds, use_cache=False).logits
+        logp = target_logprobs_from_logits(logits[:, n_prompt:n_prompt + n_target],
+                                           target_ids[None].expand(k, -1))
+        rows.append(torch.nn.functional.pad(logp, (0, t - n_target)))
+    token_logprobs = torch.stack(rows)  # [B, K, T]
+    rewards = ppl_rewards(token_logprobs, batch.target_mask[:, None, :])
+    loss, advantages = latent_grpo_loss(token_logprobs, batch.target_mask, rewards, pool=pool,
+                                        eps=eps)
+    return RLStepOutput(loss, rewards, advantages, token_logprobs.detach())
