@@ -29,13 +29,14 @@ worst (HF's ``early_stopping=False`` heuristic, the default the LatentR³ releas
 HF's beam search also carries filler beams: beams 1..n-1 start at a score of -1e9 so
 that step 1 expands beam 0 only, and a finished candidate picked as a live beam is
 charged -1e9. When the trie has fewer live paths than beams, fillers reach the output.
-They are recognised by their raw score (below -1e8) and dropped, with duplicates and any
-output that is not a complete trie path (cut off by ``max_new_tokens``). This is also
-why ``early_stopping=True`` is not used: fillers can fill the finished pool and end the
-search before every title has finished. Conversely, with fillers live the
-``early_stopping=False`` heuristic rarely fires, so the search is capped at the trie's
-longest title: by then every real beam has finished and later steps only move fillers,
-so the result is the same as running to ``max_new_tokens``.
+They are recognised by their raw score (below -1e8) and dropped (a filler's title is
+usually a duplicate of a real one), as is any output that is not a complete trie path
+(cut off by ``max_new_tokens``). This is also why ``early_stopping=True`` is not used:
+fillers can fill the finished pool and end the search before every title has finished.
+Conversely, with fillers live the ``early_stopping=False`` heuristic rarely fires, so
+the search is capped at the trie's longest title: by then every real beam has finished
+and later steps only move fillers, so the result is the same as running on to
+``max_new_tokens``.
 """
 
 from __future__ import annotations
@@ -99,9 +100,9 @@ def naive_beam_search(
     """
     _check_inputs(inputs_embeds, attention_mask, trie, eos_token_id, num_beams, num_return,
                   max_new_tokens)
-    _check_generation_defaults(llm)
     if llm.training:
         raise ValueError("expected llm in eval mode (llm.eval()), got training mode")
+    _check_generation_defaults(llm)
 
     def allowed(batch_id: int, generated: torch.Tensor) -> list[int]:
         # Filler and finished beams have no continuation; HF rejects an empty list, and EOS
@@ -146,18 +147,16 @@ def _row_hypotheses(
     num_return: int,
     length_penalty: float,
 ) -> list[Hypothesis]:
-    """One row's HF beams -> distinct complete titles, best first, fillers dropped.
-    ``lengths`` are HF's generated lengths, to undo its length penalty."""
-    best: dict[tuple[int, ...], float] = {}
+    """One row's HF beams -> complete titles, best first, fillers dropped. ``lengths``
+    are HF's generated lengths, to undo its length penalty. Real beams are distinct paths
+    (every one extends a different beam or token), so no title appears twice."""
+    kept = []
     for tokens, score, length in zip(sequences, scores, lengths, strict=True):
         title = _through_first_eos(tokens, trie.eos_token_id)
-        raw_score = score * length**length_penalty
-        if raw_score <= _FILLER_RAW_SCORE_FLOOR or not trie.contains(title):
-            continue
-        if title not in best or score > best[title]:
-            best[title] = score
-    ranked = sorted(best.items(), key=lambda item: item[1], reverse=True)
-    return [Hypothesis(token_ids=title, score=score) for title, score in ranked[:num_return]]
+        if score * length**length_penalty > _FILLER_RAW_SCORE_FLOOR and trie.contains(title):
+            kept.append(Hypothesis(token_ids=title, score=score))
+    kept.sort(key=lambda hyp: hyp.score, reverse=True)
+    return kept[:num_return]
 
 
 def _through_first_eos(tokens: Sequence[int], eos_token_id: int) -> tuple[int, ...]:
@@ -178,7 +177,9 @@ def _check_inputs(
     max_new_tokens: int,
 ) -> None:
     if inputs_embeds.ndim != 3:
-        raise ValueError(f"expected inputs_embeds [B, L, d], got shape {tuple(inputs_embeds.shape)}")
+        raise ValueError(
+            f"expected inputs_embeds [B, L, d], got shape {tuple(inputs_embeds.shape)}"
+        )
     if attention_mask.shape != inputs_embeds.shape[:2]:
         raise ValueError(
             f"expected attention_mask of shape {tuple(inputs_embeds.shape[:2])}, "

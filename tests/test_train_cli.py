@@ -1,0 +1,111 @@
+"""`python -m fastlatent.train`: presets, flag precedence, outputs, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from fastlatent.config import build_config
+from fastlatent.train import build_parser, main, parse_config
+
+METRICS = {"hr@5", "hr@10", "ndcg@5", "ndcg@10"}
+
+
+def test_explicit_flags_override_the_preset():
+    cfg = parse_config(["--preset", "smoke", "--data", "csv:somewhere", "--sigma", "0.5"])
+    assert cfg.run.preset == "smoke"
+    assert cfg.data.data == "csv:somewhere"  # flag beats the preset's "synthetic"
+    assert cfg.model.model == "tiny-random"  # preset beats the default
+    assert cfg.rl.sigma == 0.5
+    assert build_config("", {}).rl.num_samples == 8  # the release's K
+    cpu = parse_config(["--preset", "cpu"])
+    assert cpu.model.model == "smollm2-135m" and cpu.data.data == "movielens-100k"
+
+
+def test_every_flag_has_help_text():
+    for action in build_parser()._actions:
+        if action.dest != "help":
+            assert action.help and len(action.help) > 20, action.dest
+
+
+def test_bad_flags_exit_with_usage(capsys):
+    with pytest.raises(SystemExit):
+        main(["--preset", "nope"])
+    with pytest.raises(SystemExit):
+        main(["--sigma", "lots"])
+    assert "invalid" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smoke_end_to_end_then_eval_from_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    assert main(["--preset", "smoke", "--output-dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"sft", "rl"}
+    for stage in metrics.values():
+        assert METRICS <= set(stage)
+        assert {"hr@10_popular", "hr@10_unpopular", "hr@10_ci"} <= set(stage)
+        assert 0.0 <= stage["ndcg@10"] <= stage["hr@10"] <= 1.0
+        assert stage["n"] == 12
+    for ckpt in ("sft", "rl"):
+        assert (out / ckpt / "fastlatent.json").is_file()
+        assert (out / ckpt / "latent_ratt.safetensors").is_file()
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["seed"] == 42 and manifest["config"]["run"]["preset"] == "smoke"
+    assert manifest["versions"]["torch"] and "finished" in manifest
+    events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert any(e["stage"] == "sft" and e["event"] == "step" for e in events)
+    assert sum(e["stage"] == "rl" and e["event"] == "step" for e in events) == 2
+    rows = (out / "predictions_rl.jsonl").read_text().splitlines()
+    assert len(rows) == 12 and len(json.loads(rows[0])["predictions"]) == 5
+
+    again = tmp_path / "eval"
+    assert main(["--preset", "smoke", "--stage", "eval", "--checkpoint", str(out / "rl"),
+                 "--output-dir", str(again)]) == 0
+    evaluated = json.loads((again / "metrics.json").read_text())
+    assert set(evaluated) == {"eval"}
+    assert evaluated["eval"] == metrics["rl"]  # the checkpoint reproduces the run's model
+
+
+def write_csv_dir(root, splits, titles, rows_per_split=24):
+    (root / "info").mkdir(parents=True)
+    (root / "info" / "Toy_Music.txt").write_text(
+        "".join(f"{t}\t{i}\n" for i, t in enumerate(titles)))
+    header = ["user_id", "item_asins", "item_asin", "history_item_id", "item_id",
+              "history_item_title", "item_title", "history_rating", "rating",
+              "history_timestamp", "timestamp"]
+    for split in splits:
+        (root / split).mkdir()
+        with (root / split / "Toy_Music.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            for n in range(rows_per_split):
+                hist = [(n + j) % len(titles) for j in range(3)]
+                tgt = (n + 3) % len(titles)
+                w.writerow([f"u{n}", "[]", "x", str(hist), tgt, str([titles[h] for h in hist]),
+                            titles[tgt], "[]", 5.0, "[]", 1000 + n])
+
+
+@pytest.mark.slow
+def test_smoke_on_csv_data_trained_on_valid(tmp_path):
+    titles = [f"Album {c}{c}" for c in "ABCDEFGHIJ"]
+    write_csv_dir(tmp_path / "data", ["valid", "test"], titles)
+    out = tmp_path / "run"
+    assert main(["--preset", "smoke", "--data", f"csv:{tmp_path / 'data'}",
+                 "--train-split", "valid", "--eval-split", "test", "--stage", "sft",
+                 "--sft-epochs", "1", "--output-dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"sft"} and metrics["sft"]["n"] == 12
+    splits = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
+              if json.loads(line)["event"] == "splits"][0]
+    assert splits["train"] + splits["valid"] == 24 and splits["valid"] >= 1
+
+
+def test_missing_split_is_a_clear_error(tmp_path):
+    titles = ["One", "Two", "Three", "Four"]
+    write_csv_dir(tmp_path / "data", ["valid", "test"], titles, rows_per_split=4)
+    with pytest.raises(ValueError, match="no split 'train'"):
+        main(["--preset", "smoke", "--data", f"csv:{tmp_path / 'data'}",
+              "--output-dir", str(tmp_path / "run")])
