@@ -66,7 +66,7 @@ def evaluate(reasoner: LatentReasoner, examples: Sequence[Example], builder: Pro
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                 num_beams=cfg.num_beams, num_return=cfg.num_beams,
                 length_penalty=cfg.length_penalty, max_new_tokens=cfg.max_new_tokens)
-            for ex, row in zip(part, hyps):
+            for ex, row in zip(part, hyps, strict=True):
                 titles = [decode_title(tokenizer, h.token_ids) for h in row]
                 rank = rank_of_first_hit(titles, ex.target)
                 ranks.append(rank)

@@ -78,12 +78,14 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog
     log.write("data", "splits", train=len(splits.train), valid=len(splits.valid),
               eval=len(splits.eval), catalogue=len(dataset.catalogue), titles=len(trie))
     metrics: dict[str, dict[str, Any]] = {}
+    predictions: list[dict[str, Any]] = []
 
     def run_eval(name: str) -> None:
         result = evaluate(reasoner, splits.eval, builder, trie, cfg.eval, popular=popular,
                           seed=seed, desc=f"eval after {name}")
         metrics[name] = result.metrics
-        write_predictions(out / f"predictions_{name}.jsonl", result.predictions)
+        predictions.extend({"stage": name, **row} for row in result.predictions)
+        write_predictions(out / "predictions.jsonl", predictions)
         log.write(name, "eval", **{k: v for k, v in result.metrics.items()})
 
     if stage in ("sft", "all"):

@@ -19,8 +19,8 @@ from fastlatent.config import RLConfig
 from fastlatent.data.batch import EncodedExample, collate
 from fastlatent.data.sampling import chunks, shuffled_batches
 from fastlatent.model.reasoner import LatentReasoner
+from fastlatent.optim import clipped_update, warmup_cosine
 from fastlatent.runlog import StepLog
-from fastlatent.schedules import warmup_cosine
 from fastlatent.testing.naive_steps import naive_rl_step
 
 
@@ -79,11 +79,7 @@ def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLC
                 loss_sum += float(out.loss.detach()) * len(part) / len(batch)
                 s0.append(out.rewards[:, 0])
                 rewards_all.append(out.rewards.flatten())
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-            lr = scheduler.get_last_lr()[0]  # the rate this step used
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = clipped_update(optimizer, scheduler, params, grad_clip)
             step += 1
             reward0 = float(torch.cat(s0).mean())
             reward = float(torch.cat(rewards_all).mean())

@@ -19,8 +19,8 @@ from fastlatent.config import SFTConfig
 from fastlatent.data.batch import EncodedExample, collate
 from fastlatent.data.sampling import chunks, shuffled_batches
 from fastlatent.model.reasoner import LatentReasoner
+from fastlatent.optim import clipped_update, warmup_linear_decay
 from fastlatent.runlog import StepLog
-from fastlatent.schedules import warmup_linear_decay
 from fastlatent.testing.naive_steps import naive_sft_step
 
 
@@ -83,11 +83,7 @@ def run_sft(reasoner: LatentReasoner, train: Sequence[EncodedExample],
                 out = naive_sft_step(reasoner, collate(part, pad).to(reasoner.device))
                 (out.nll_sum / n_tokens).backward()
                 loss_sum += float(out.nll_sum.detach())
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-            lr = scheduler.get_last_lr()[0]  # the rate this step used
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = clipped_update(optimizer, scheduler, params, grad_clip)
             step += 1
             loss = loss_sum / n_tokens
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")

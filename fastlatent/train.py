@@ -2,7 +2,7 @@
 
 With no arguments: SmolLM2-135M-Instruct on MovieLens-100K, sized by the ``cpu`` preset
 (without CUDA) or ``paper`` (with CUDA). Outputs in OUTPUT_DIR: run.json (manifest),
-log.jsonl (every step), sft/ and rl/ checkpoints, metrics.json, predictions_<stage>.jsonl.
+log.jsonl (every step), sft/ and rl/ checkpoints, metrics.json, predictions.jsonl.
 """
 
 from __future__ import annotations

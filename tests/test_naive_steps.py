@@ -124,7 +124,7 @@ def test_rl_gradient_reaches_only_latent_ratt_and_matches_reference(tiny_reasone
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out.advantages, ref_adv, rtol=1e-4, atol=1e-5)
     ref_grads = torch.autograd.grad(ref_loss, params)
-    for g, ref in zip(grads, ref_grads):
+    for g, ref in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, ref, rtol=1e-3, atol=1e-6)
 
 

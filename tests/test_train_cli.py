@@ -58,8 +58,9 @@ def test_smoke_end_to_end_then_eval_from_checkpoint(tmp_path):
     events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert any(e["stage"] == "sft" and e["event"] == "step" for e in events)
     assert sum(e["stage"] == "rl" and e["event"] == "step" for e in events) == 2
-    rows = (out / "predictions_rl.jsonl").read_text().splitlines()
-    assert len(rows) == 12 and len(json.loads(rows[0])["predictions"]) == 5
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["sft"] * 12 + ["rl"] * 12
+    assert all(len(r["predictions"]) == 5 for r in rows)
 
     again = tmp_path / "eval"
     assert main(["--preset", "smoke", "--stage", "eval", "--checkpoint", str(out / "rl"),

@@ -57,8 +57,9 @@ def latent_grpo_loss(token_logprobs: torch.Tensor, target_mask: torch.Tensor,
     if token_logprobs.dim() != 3 or rewards.shape != token_logprobs.shape[:2]:
         raise ValueError(f"expected token_logprobs [B, K, T] and rewards [B, K], got "
                          f"{tuple(token_logprobs.shape)} and {tuple(rewards.shape)}")
-    if target_mask.shape != (token_logprobs.shape[0], token_logprobs.shape[2]):
-        raise ValueError(f"expected target_mask [B, T] = {(token_logprobs.shape[0], token_logprobs.shape[2])}, "
+    expected_mask = (token_logprobs.shape[0], token_logprobs.shape[2])
+    if tuple(target_mask.shape) != expected_mask:
+        raise ValueError(f"expected target_mask [B, T] = {expected_mask}, "
                          f"got {tuple(target_mask.shape)}")
     advantages = grpo_advantages(rewards, pool=pool, eps=eps)
     per_row = mean_token_logprob(token_logprobs.float(), target_mask[:, None, :])

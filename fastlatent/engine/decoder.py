@@ -1,0 +1,272 @@
+"""Two-phase forward over a Hugging Face causal LM: encode each prompt once, then score
+many suffix rows (K latent samples, or beams) against its KV cache without copying it.
+
+:class:`Decoder` runs the model's own modules (embeddings, norms, q/k/v/o projections,
+Qwen3's q/k norms, MLPs, rotary embedding) in its own layer loop, so it matches the
+model's forward to float tolerance and works unchanged with quantised linear layers.
+Supported families: Llama, Mistral, Qwen2/Qwen2.5, Qwen3. Attention dropout is not
+applied (the models are used in eval mode or with ``attention_dropout=0``).
+
+Layout: prompts are left-padded ``[G, L]``; suffix rows are right-padded ``[R, T]`` and
+grouped contiguously, ``rows_per_group`` per prompt (row r belongs to prompt
+r // rows_per_group). Position ids come from the masks: prompt tokens 0..n-1, suffix
+token j of row r at n + (valid suffix tokens before it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from fastlatent.data.batch import positions_from_mask
+from fastlatent.ops.shared_prefix_attention import shared_prefix_attention
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class UnsupportedModelError(ValueError):
+    """The causal LM is not of a family whose layer code :class:`Decoder` reproduces."""
+
+
+@dataclass
+class PrefixCache:
+    """The prompts' per-layer keys/values and final hidden states.
+
+    keys, values: per layer [G, Hkv, L, D] (after RoPE, and after k_norm for Qwen3).
+    mask: [G, L], 1 = real token (left-padded). lengths: [G] real tokens per prompt, the
+    position of each prompt's first suffix token. hidden: [G, L, d] final-norm states
+    (the input of the LM head and of LatentRATT).
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mask: torch.Tensor
+    lengths: torch.Tensor
+    hidden: torch.Tensor
+
+    @property
+    def num_groups(self) -> int:
+        return self.mask.shape[0]
+
+
+@dataclass
+class SuffixCache:
+    """The suffix rows' per-layer keys/values: [R, Hkv, S, D]; ``valid`` [R, S] bool marks
+    the real slots (padding and finished beams leave holes)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    valid: torch.Tensor
+    rows_per_group: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.valid.shape[0]
+
+    def reorder(self, row_index: torch.Tensor) -> SuffixCache:
+        """Beam search: row i takes the cache of row ``row_index[i]``, which must lie in
+        row i's own group (a beam never moves to another prompt)."""
+        rows = torch.arange(self.num_rows, device=self.valid.device)
+        if row_index.shape != rows.shape or row_index.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"expected row_index of int64 [{self.num_rows}], got "
+                             f"{row_index.dtype} {list(row_index.shape)}")
+        row_index = row_index.to(self.valid.device)
+        if bool((row_index < 0).any() | (row_index >= self.num_rows).any()):
+            raise ValueError(f"expected row_index in [0, {self.num_rows}), got {row_index}")
+        if not bool((row_index // self.rows_per_group == rows // self.rows_per_group).all()):
+            raise ValueError(f"expected every row_index inside its own group of "
+                             f"{self.rows_per_group} rows, got {row_index.tolist()}")
+        return SuffixCache([k[row_index] for k in self.keys], [v[row_index] for v in self.values],
+                           self.valid[row_index], self.rows_per_group)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, D]; cos, sin [B, T, D] from the model's rotary embedding."""
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + _rotate_half(x) * sin
+
+
+def _project(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor,
+             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [B, H, T, D], k and v [B, Hkv, T, D] of the normed input x [B, T, d], the way the
+    HF attention modules compute them (Qwen3: q/k norms on the head dim before RoPE)."""
+    shape = (*x.shape[:-1], -1, attn.head_dim)
+    q, k = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape)
+    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    if getattr(attn, "q_norm", None) is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return _apply_rope(q.transpose(1, 2), cos, sin), _apply_rope(k.transpose(1, 2), cos, sin), v
+
+
+def _expand_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, Hkv, L, D] -> [B, Hkv * n_rep, L, D] (query head h reads kv head h // n_rep)."""
+    if n_rep == 1:
+        return x
+    b, hkv, length, d = x.shape
+    return x[:, :, None].expand(b, hkv, n_rep, length, d).reshape(b, hkv * n_rep, length, d)
+
+
+def _sliding_window(llm: nn.Module, layers: nn.ModuleList) -> int | None:
+    """The smallest enabled attention window (None: full attention everywhere)."""
+    windows = [getattr(layer.self_attn, "sliding_window", None) for layer in layers]
+    if llm.config.model_type == "mistral":  # Mistral reads it from the config at runtime
+        windows.append(getattr(llm.config, "sliding_window", None))
+    return min((w for w in windows if w), default=None)
+
+
+class Decoder:
+    """Prefix/suffix forward of a supported HF causal LM (see module docstring)."""
+
+    def __init__(self, llm: nn.Module):
+        model_type = getattr(getattr(llm, "config", None), "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"expected a causal LM of model_type in {SUPPORTED_MODEL_TYPES}, got "
+                f"{model_type!r} ({type(llm).__name__}); use the model's own forward instead")
+        body = getattr(llm, "model", None)
+        missing = [name for name in ("embed_tokens", "layers", "norm", "rotary_emb")
+                   if not hasattr(body, name)]
+        if missing or not hasattr(llm, "lm_head"):
+            raise UnsupportedModelError(f"{type(llm).__name__} lacks the modules Decoder uses "
+                                        f"(model.{missing}, lm_head)")
+        self.llm, self.body = llm, body
+        self.layers = body.layers[: llm.config.num_hidden_layers]
+        self.window = _sliding_window(llm, self.layers)
+
+    # ---- checks ---------------------------------------------------------------------------
+    def _check_window(self, positions: torch.Tensor, real: torch.Tensor) -> None:
+        """Raise if a real token's position reaches the sliding window (nothing to check,
+        and no device sync, for full-attention models)."""
+        if self.window is None or not bool(real.any()):
+            return
+        span = int(positions[real].max()) + 1
+        if span > self.window:
+            raise ValueError(f"expected sequences within the model's sliding window of "
+                             f"{self.window} tokens, got {span} (Decoder does not implement "
+                             f"windowed attention)")
+
+    def _check_embeds(self, embeds: torch.Tensor, name: str) -> None:
+        d, dtype = self.llm.config.hidden_size, self.body.embed_tokens.weight.dtype
+        if embeds.dim() != 3 or embeds.shape[-1] != d or embeds.dtype != dtype:
+            raise ValueError(f"expected {name} [rows, tokens, {d}] of dtype {dtype}, got "
+                             f"{embeds.dtype} {list(embeds.shape)}")
+
+    def _check_suffix(self, embeds: torch.Tensor, mask: torch.Tensor, prefix: PrefixCache,
+                      rows_per_group: int, cache: SuffixCache | None) -> None:
+        self._check_embeds(embeds, "inputs_embeds")
+        r = embeds.shape[0]
+        if mask.shape != embeds.shape[:2]:
+            raise ValueError(f"expected suffix_mask {list(embeds.shape[:2])}, got "
+                             f"{list(mask.shape)}")
+        if rows_per_group < 1 or r != prefix.num_groups * rows_per_group:
+            raise ValueError(f"expected rows = prompts * rows_per_group, got {r} rows, "
+                             f"{prefix.num_groups} prompts, rows_per_group={rows_per_group}")
+        if cache is not None and (cache.num_rows != r or cache.rows_per_group != rows_per_group
+                                  or len(cache.keys) != len(self.layers)):
+            raise ValueError(f"expected a cache of {r} rows, rows_per_group={rows_per_group} "
+                             f"and {len(self.layers)} layers, got {cache.num_rows} rows, "
+                             f"rows_per_group={cache.rows_per_group}, {len(cache.keys)} layers")
+
+    # ---- the layer ------------------------------------------------------------------------
+    def _run_layers(self, hidden: torch.Tensor, attend) -> torch.Tensor:
+        """Pre-norm residual blocks, then the final norm. ``attend(i, attn, x)`` is layer
+        i's attention on normed input x [B, T, d], returning [B, T, H*D] before o_proj."""
+        for i, layer in enumerate(self.layers):
+            hidden = self._layer(layer, hidden, partial(attend, i, layer.self_attn))
+        return self.body.norm(hidden)
+
+    @staticmethod
+    def _layer(layer: nn.Module, hidden: torch.Tensor, attend) -> torch.Tensor:
+        attended = attend(layer.input_layernorm(hidden))
+        hidden = hidden + layer.self_attn.o_proj(attended)
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    # ---- phase 1: the prompts -------------------------------------------------------------
+    def prefix(self, input_ids: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None, *,
+               inputs_embeds: torch.Tensor | None = None) -> PrefixCache:
+        """Encode left-padded prompts [G, L] (ids or embeddings; mask defaults to all real).
+
+        Differentiable when called with grad enabled. Padded positions get finite,
+        meaningless hidden states (each attends only to itself).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("expected exactly one of input_ids and inputs_embeds")
+        embeds = self.body.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        self._check_embeds(embeds, "prompt embeddings")
+        g, length = embeds.shape[:2]
+        mask = (torch.ones(g, length, dtype=torch.long, device=embeds.device)
+                if attention_mask is None else attention_mask)
+        if mask.shape != (g, length):
+            raise ValueError(f"expected attention_mask [{g}, {length}], got {list(mask.shape)}")
+        real, positions = mask.bool(), positions_from_mask(mask)
+        self._check_window(positions, real)
+        cos, sin = self.body.rotary_emb(embeds, positions)
+        rows = torch.arange(length, device=embeds.device)
+        causal = rows[None, :] <= rows[:, None]  # [L, L]
+        allowed = causal & (real[:, None, :] | torch.eye(length, dtype=torch.bool,
+                                                         device=embeds.device))
+        keys, values = [], []
+
+        def attend(i: int, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = _project(attn, x, cos, sin)
+            keys.append(k)
+            values.append(v)
+            n_rep = q.shape[1] // k.shape[1]
+            out = nn.functional.scaled_dot_product_attention(
+                q, _expand_kv(k, n_rep), _expand_kv(v, n_rep), attn_mask=allowed[:, None],
+                scale=attn.scaling)
+            return out.transpose(1, 2).reshape(g, length, -1)
+
+        hidden = self._run_layers(embeds, attend)
+        return PrefixCache(keys, values, mask, real.long().sum(-1), hidden)
+
+    # ---- phase 2: the suffix rows ---------------------------------------------------------
+    def suffix(self, inputs_embeds: torch.Tensor, suffix_mask: torch.Tensor,
+               prefix: PrefixCache, rows_per_group: int,
+               cache: SuffixCache | None = None) -> tuple[torch.Tensor, SuffixCache]:
+        """Run T new tokens of each of R = G * rows_per_group suffix rows.
+
+        inputs_embeds [R, T, d] (the first suffix token is usually the latent ``r``, not a
+        token embedding); suffix_mask [R, T], nonzero = real (right-padded). ``cache``: the
+        SuffixCache of earlier calls (incremental decoding), None for a new suffix.
+        Returns the final-norm hidden states [R, T, d] and the cache extended by the T
+        tokens. Differentiable in inputs_embeds, the weights and the prefix cache.
+        """
+        self._check_suffix(inputs_embeds, suffix_mask, prefix, rows_per_group, cache)
+        r, t = suffix_mask.shape
+        new_valid = suffix_mask.bool()
+        start = prefix.lengths.repeat_interleave(rows_per_group).to(new_valid.device)
+        if cache is not None:
+            start = start + cache.valid.sum(-1)
+        positions = start[:, None] + new_valid.long().cumsum(-1) - new_valid.long()
+        self._check_window(positions, new_valid)
+        valid = new_valid if cache is None else torch.cat((cache.valid, new_valid), dim=1)
+        cos, sin = self.body.rotary_emb(inputs_embeds, positions)
+        keys, values = [], []
+
+        def attend(i: int, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = _project(attn, x, cos, sin)
+            if cache is not None:
+                k = torch.cat((cache.keys[i], k), dim=2)
+                v = torch.cat((cache.values[i], v), dim=2)
+            keys.append(k)
+            values.append(v)
+            out = shared_prefix_attention(q, k, v, valid, prefix.keys[i], prefix.values[i],
+                                          prefix.mask, rows_per_group, scale=attn.scaling)
+            return out.transpose(1, 2).reshape(r, t, -1)
+
+        hidden = self._run_layers(inputs_embeds, attend)
+        return hidden, SuffixCache(keys, values, valid, rows_per_group)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on final-norm hidden states [..., d] -> [..., V]."""
+        return self.llm.lm_head(hidden)

@@ -1,0 +1,7 @@
+"""One autograd-aware entry point per fused op; each picks Triton or PyTorch per device
+(see ``_backend.resolve_backend``)."""
+
+from fastlatent.ops.fused_logprob import fused_logprob
+from fastlatent.ops.shared_prefix_attention import shared_prefix_attention
+
+__all__ = ["fused_logprob", "shared_prefix_attention"]

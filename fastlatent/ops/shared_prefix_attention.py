@@ -1,0 +1,144 @@
+"""Shared-prefix (cascade) attention: many suffix rows over one prompt's KV cache.
+
+R suffix rows are grouped contiguously, ``rows_per_group`` per prompt (K latent samples or
+beams). Every row attends to its group's prompt keys and, causally, to its own suffix
+keys. The prompt part is one batched matmul per group, the rows' queries stacked along
+the query axis, so prompt K/V are read once per group and never copied per row; the two
+parts are merged by their log-sum-exp:
+
+    out = (e^{lse_p} o_p + e^{lse_s} o_s) / (e^{lse_p} + e^{lse_s})
+
+Dtype policy: the score and value matmuls run in the input dtype (fp32 accumulation on
+every device we target); scaling, softmax, log-sum-exp and the merge are fp32; the output
+is cast back to ``q.dtype``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastlatent.ops._backend import resolve_backend
+
+
+def _check_inputs(q, k, v, suffix_valid, prefix_k, prefix_v, prefix_mask,
+                  rows_per_group: int) -> None:
+    tensors = {"q": q, "k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v}
+    for name, t in tensors.items():
+        if t.dim() != 4:
+            raise ValueError(f"expected {name} of rank 4, got shape {tuple(t.shape)}")
+    if suffix_valid.dim() != 2 or prefix_mask.dim() != 2:
+        raise ValueError(f"expected suffix_valid [R, S] and prefix_mask [G, L], got "
+                         f"{tuple(suffix_valid.shape)} and {tuple(prefix_mask.shape)}")
+    r, h, t, d = q.shape
+    _, hkv, s, _ = k.shape
+    g, _, length, _ = prefix_k.shape
+    if rows_per_group < 1 or r != g * rows_per_group:
+        raise ValueError(f"expected R = G * rows_per_group, got R={r}, G={g}, "
+                         f"rows_per_group={rows_per_group}")
+    if hkv < 1 or h % hkv:
+        raise ValueError(f"expected query heads a multiple of kv heads, got H={h}, Hkv={hkv}")
+    if s < t:
+        raise ValueError(f"expected suffix keys S >= query tokens T, got S={s}, T={t}")
+    expected = {"k": (r, hkv, s, d), "v": (r, hkv, s, d), "prefix_k": (g, hkv, length, d),
+                "prefix_v": (g, hkv, length, d)}
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"expected {name} {list(shape)}, got {list(tensors[name].shape)}")
+    if tuple(suffix_valid.shape) != (r, s) or tuple(prefix_mask.shape) != (g, length):
+        raise ValueError(f"expected suffix_valid [{r}, {s}] and prefix_mask [{g}, {length}], "
+                         f"got {list(suffix_valid.shape)} and {list(prefix_mask.shape)}")
+    if not q.is_floating_point() or any(x.dtype != q.dtype for x in tensors.values()):
+        raise ValueError(f"expected q, k, v, prefix_k, prefix_v of one floating dtype, got "
+                         f"{[str(x.dtype) for x in tensors.values()]}")
+    devices = {x.device for x in (*tensors.values(), suffix_valid, prefix_mask)}
+    if len(devices) != 1:
+        raise ValueError(f"expected every input on one device, got {sorted(map(str, devices))}")
+
+
+def _attend_with_lse(scores: torch.Tensor, allowed: torch.Tensor,
+                     v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of fp32 ``scores`` [..., M, N] over the ``allowed`` keys
+    (bool, broadcast to ``scores``) and ``v`` [..., N, D].
+
+    Returns ``(out [..., M, D] fp32, lse [..., M] fp32)``; a query with no allowed key gets
+    ``out = 0`` and ``lse = -inf``, with zero (never NaN) gradients.
+    """
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    peak = scores.amax(dim=-1, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    weights = torch.exp(scores - peak)
+    total = weights.sum(dim=-1, keepdim=True)
+    has_key = total > 0
+    total = torch.where(has_key, total, torch.ones_like(total))
+    out = torch.matmul(weights.to(v.dtype), v).float() / total
+    lse = torch.where(has_key, peak + torch.log(total), torch.full_like(total, float("-inf")))
+    return out, lse.squeeze(-1)
+
+
+def _merge_by_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                  lse_b: torch.Tensor) -> torch.Tensor:
+    """Combine two partial attentions [..., M, D] with their log-sum-exps [..., M]."""
+    peak = torch.maximum(lse_a, lse_b)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    w_a, w_b = torch.exp(lse_a - peak)[..., None], torch.exp(lse_b - peak)[..., None]
+    total = w_a + w_b
+    total = torch.where(total > 0, total, torch.ones_like(total))
+    return (w_a * out_a + w_b * out_b) / total
+
+
+def shared_prefix_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  suffix_valid: torch.Tensor, prefix_k: torch.Tensor,
+                                  prefix_v: torch.Tensor, prefix_mask: torch.Tensor,
+                                  rows_per_group: int, *, scale: float) -> torch.Tensor:
+    """The cascade algorithm in plain, differentiable PyTorch (shapes as in
+    :func:`shared_prefix_attention`; inputs are not validated here)."""
+    r, h, t, d = q.shape
+    g, hkv, length, _ = prefix_k.shape
+    s, n_rep = k.shape[2], h // hkv
+    # Prefix: the group's rows, heads sharing a kv head, and tokens all become queries.
+    q_grouped = (q.reshape(g, rows_per_group, hkv, n_rep, t, d).transpose(1, 2)
+                 .reshape(g, hkv, rows_per_group * n_rep * t, d))
+    scores = torch.matmul(q_grouped, prefix_k.transpose(-1, -2)).float() * scale
+    allowed = prefix_mask.bool()[:, None, None, :]  # [G, 1, 1, L]
+    out_p, lse_p = _attend_with_lse(scores, allowed, prefix_v)
+    out_p = (out_p.view(g, hkv, rows_per_group, n_rep, t, d).transpose(1, 2)
+             .reshape(r, h, t, d))
+    lse_p = lse_p.view(g, hkv, rows_per_group, n_rep, t).transpose(1, 2).reshape(r, h, t)
+    # Suffix: each row over its own keys, causally; query t sits at key index S-T+t.
+    scores = torch.matmul(q.reshape(r, hkv, n_rep * t, d), k.transpose(-1, -2)).float() * scale
+    query_at = torch.arange(s - t, s, device=q.device)
+    causal = torch.arange(s, device=q.device)[None, :] <= query_at[:, None]  # [T, S]
+    allowed = (causal[None] & suffix_valid.bool()[:, None, :]).repeat(1, n_rep, 1)
+    out_s, lse_s = _attend_with_lse(scores, allowed[:, None], v)
+    out = _merge_by_lse(out_p, lse_p, out_s.view(r, h, t, d), lse_s.view(r, h, t))
+    return out.to(q.dtype)
+
+
+def shared_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            suffix_valid: torch.Tensor, prefix_k: torch.Tensor,
+                            prefix_v: torch.Tensor, prefix_mask: torch.Tensor,
+                            rows_per_group: int, *, scale: float,
+                            backend: str | None = None) -> torch.Tensor:
+    """Attention of R suffix rows over their group's shared prompt and their own suffix.
+
+    Args:
+        q: [R, H, T, D] queries of the T newest suffix tokens of each row.
+        k, v: [R, Hkv, S, D] each row's suffix keys/values, S >= T; the last T belong to
+            the queries, the first S-T are cached from earlier steps. H = Hkv * n_rep
+            (query head h uses kv head h // n_rep).
+        suffix_valid: [R, S] bool, which suffix key slots are real.
+        prefix_k, prefix_v: [G, Hkv, L, D] the prompts' keys/values.
+        prefix_mask: [G, L], nonzero = real prompt token (prompts are left-padded).
+        rows_per_group: R = G * rows_per_group; row r belongs to prompt r // rows_per_group.
+        scale: multiplies q·k (usually head_dim ** -0.5).
+        backend: "auto" | "triton" | "torch" (None: $FASTLATENT_BACKEND, then auto).
+
+    Query t of row r attends to every real token of its prompt and to the valid suffix
+    keys 0..S-T+t of row r. Returns [R, H, T, D] in q's dtype; a query whose own slot is
+    padding gets a finite, meaningless value. Differentiable in q, k, v, prefix_k and
+    prefix_v.
+    """
+    _check_inputs(q, k, v, suffix_valid, prefix_k, prefix_v, prefix_mask, rows_per_group)
+    resolve_backend(q.device, backend, available=("torch",))  # validates; torch only so far
+    return shared_prefix_attention_torch(q, k, v, suffix_valid, prefix_k, prefix_v,
+                                         prefix_mask, rows_per_group, scale=scale)
