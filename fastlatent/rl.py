@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 from fastlatent.config import RLConfig
 from fastlatent.data.batch import EncodedExample, collate
 from fastlatent.data.sampling import chunks, shuffled_batches
+from fastlatent.engine.steps import step_for
 from fastlatent.model.reasoner import LatentReasoner
 from fastlatent.optim import clipped_update, warmup_cosine
 from fastlatent.runlog import StepLog
-from fastlatent.testing.naive_steps import naive_rl_step
 
 
 @dataclass
@@ -61,6 +61,7 @@ def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLC
     generator = torch.Generator().manual_seed(seed)
     pad = reasoner.tokenizer.pad_token_id
     micro = cfg.rl_micro_batch or cfg.rl_batch_size
+    step = step_for(reasoner, "rl")
     checkpoint = output_dir / "rl"
     log.write("rl", "start", prompts=len(prompts), total_steps=total_steps, k=cfg.num_samples,
               sigma=cfg.sigma, advantage=cfg.advantage)
@@ -72,9 +73,9 @@ def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLC
                 break
             loss_sum, s0, rewards_all = 0.0, [], []
             for part in chunks(batch, micro):
-                out = naive_rl_step(reasoner, collate(part, pad).to(reasoner.device),
-                                    k=cfg.num_samples, sigma=cfg.sigma, pool=cfg.advantage,
-                                    generator=generator)
+                out = step(reasoner, collate(part, pad).to(reasoner.device),
+                           k=cfg.num_samples, sigma=cfg.sigma, pool=cfg.advantage,
+                           generator=generator)
                 (out.loss * len(part) / len(batch)).backward()
                 loss_sum += float(out.loss.detach()) * len(part) / len(batch)
                 s0.append(out.rewards[:, 0])

@@ -64,3 +64,12 @@ def latent_grpo_loss(token_logprobs: torch.Tensor, target_mask: torch.Tensor,
     advantages = grpo_advantages(rewards, pool=pool, eps=eps)
     per_row = mean_token_logprob(token_logprobs.float(), target_mask[:, None, :])
     return -(advantages * per_row).mean(), advantages
+
+
+def sample_noise(batch: int, k: int, dim: int, *, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """eps [B, K, d] ~ N(0, I) with eps[:, 0] = 0, so row 0 carries r itself. Drawn on the
+    CPU generator (reproducible across devices), then moved."""
+    eps = torch.randn(batch, k, dim, generator=generator, device="cpu").to(device)
+    eps[:, 0] = 0
+    return eps

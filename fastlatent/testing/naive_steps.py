@@ -6,12 +6,11 @@ logits, no reuse of the prompt's KV cache.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from fastlatent.data.batch import Batch, positions_from_mask
-from fastlatent.engine.grpo import latent_grpo_loss, ppl_rewards
+from fastlatent.engine.grpo import latent_grpo_loss, ppl_rewards, sample_noise
+from fastlatent.engine.steps import RLStepOutput, SFTStepOutput
 from fastlatent.model.reasoner import LatentReasoner
 
 
@@ -19,12 +18,6 @@ def target_logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> 
     """log softmax(logits)[target] in float32; logits [..., V], targets [...]."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     return logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-
-
-@dataclass
-class SFTStepOutput:
-    nll_sum: torch.Tensor  # scalar, sum of -log p over target tokens (with gradient)
-    num_tokens: int
 
 
 def naive_sft_step(reasoner: LatentReasoner, batch: Batch) -> SFTStepOutput:
@@ -39,22 +32,6 @@ def naive_sft_step(reasoner: LatentReasoner, batch: Batch) -> SFTStepOutput:
     logp = target_logprobs_from_logits(logits[:, length - 1:length - 1 + t], batch.target_ids)
     weight = batch.target_mask.to(logp.dtype)
     return SFTStepOutput(-(logp * weight).sum(), int(batch.target_mask.sum()))
-
-
-@dataclass
-class RLStepOutput:
-    loss: torch.Tensor  # scalar, gradient reaches LatentRATT only
-    rewards: torch.Tensor  # [B, K] float32
-    advantages: torch.Tensor  # [B, K] float32
-    token_logprobs: torch.Tensor  # [B, K, T] float32, 0 where the target is padding
-
-
-def sample_noise(batch: int, k: int, dim: int, *, generator: torch.Generator | None = None,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
-    """eps [B, K, d] ~ N(0, I) with eps[:, 0] = 0, so row 0 carries r itself."""
-    eps = torch.randn(batch, k, dim, generator=generator, device="cpu").to(device)
-    eps[:, 0] = 0
-    return eps
 
 
 def naive_rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma: float,

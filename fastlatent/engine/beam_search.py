@@ -1,0 +1,334 @@
+"""Trie-constrained beam search on the shared-prefix engine.
+
+Returns what :func:`fastlatent.testing.beam_search.naive_beam_search` (Hugging Face
+``generate``) returns, but encodes each prompt once with :meth:`Decoder.prefix` and runs
+the ``num_beams`` beams of a user as suffix rows over that shared prompt cache
+(:meth:`Decoder.suffix` with ``rows_per_group = num_beams``). With a latent, the first
+suffix token of every beam is ``r``; without one, the first step reads the prompt's last
+hidden state and the suffix starts with the first generated token.
+
+Every step works on tensors: each beam carries its trie node, and its continuations are
+gathered from the trie's CSR arrays into ``[R, C]`` (C = the most children of any current
+node). Scores are full-vocabulary fp32 ``log_softmax`` log-probs, not renormalised.
+
+Hugging Face's rules, reproduced step by step in the same fp32 arithmetic (``N`` beams):
+
+- Beams 1..N-1 start at -1e9 ("fillers"), so step 1 expands beam 0 only.
+- A beam whose path is a finished title or left the trie may only emit EOS (the oracle's
+  ``prefix_allowed_tokens_fn`` gives it ``[eos]``).
+- The best ``2N`` continuations by cumulative log-prob are candidates. A candidate is done
+  when it ends in EOS, or at the last step (HF's max-length criterion marks every one).
+- Live beams for the next step: the best ``N`` candidates after charging done ones -1e9.
+- The finished pool (N slots, starting at -1e9, unfinished) merges in the done candidates
+  of rank < N at ``Σ log p / step ** length_penalty``; candidates that are not, and all
+  candidates of a user whose search is closed, are charged -1e9; the pool keeps its best N.
+- A user's search closes (for good) once every pool slot is finished and the best live
+  beam's ``score / step ** length_penalty`` no longer beats the pool's worst score
+  (``early_stopping=False``). The loop ends when every search is closed, when every
+  candidate is done, or after ``min(max_new_tokens, trie.max_length)`` steps (the oracle's
+  cap: by the longest title every real beam has finished).
+
+Output, as the oracle filters HF's: the pool entries that entered as real finished titles
+(a complete trie path, admitted without a -1e9 charge, raw log-prob above -1e8, i.e. not
+a filler), best first, cut to ``num_return``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastlatent.data.trie import TitleTrie
+from fastlatent.engine.decoder import Decoder, PrefixCache
+from fastlatent.model.reasoner import LatentReasoner
+from fastlatent.testing.beam_search import Hypothesis
+
+# HF's charge for filler beams, done candidates kept as live beams, and candidates that
+# may not enter the finished pool.
+_CHARGE = -1.0e9
+# Real paths have finite full-vocabulary log-prob sums far above this; fillers fall below.
+_FILLER_FLOOR = -1.0e8
+
+
+@dataclass
+class TrieTensors:
+    """A :class:`TitleTrie`'s CSR arrays on the search device (see ``TitleTrie.to_csr``)."""
+
+    offsets: torch.Tensor  # [num_nodes + 1] int64
+    child_tokens: torch.Tensor  # [E] int64
+    child_nodes: torch.Tensor  # [E] int64
+    eos_token_id: int
+
+    @classmethod
+    def from_trie(cls, trie: TitleTrie, vocab_size: int, device: torch.device) -> TrieTensors:
+        offsets, tokens, nodes = trie.to_csr()
+        if int(tokens.max()) >= vocab_size:
+            raise ValueError(f"expected trie token ids below the vocabulary size {vocab_size}, "
+                             f"got {int(tokens.max())}")
+        return cls(offsets.to(device), tokens.to(device), nodes.to(device), trie.eos_token_id)
+
+    def expand(self, nodes: torch.Tensor) -> Expansion:
+        """Allowed continuations of beams at ``nodes`` [R] (-1 = off the trie).
+
+        A node without children (a finished title) or off the trie allows EOS only,
+        leading off the trie. Returns an :class:`Expansion` of shape [R, C], C >= 2.
+        """
+        live = nodes >= 0
+        safe = nodes.clamp(min=0)
+        start = self.offsets[safe]
+        count = torch.where(live, self.offsets[safe + 1] - start, 0)
+        width = max(2, int(count.max()))
+        slot = torch.arange(width, device=nodes.device)
+        has_child = slot < count[:, None]  # [R, C]
+        edge = torch.where(has_child, start[:, None] + slot, 0)
+        eos_only = (count == 0)[:, None] & (slot == 0)
+        return Expansion(
+            tokens=torch.where(has_child, self.child_tokens[edge], self.eos_token_id),
+            nodes=torch.where(has_child, self.child_nodes[edge], -1),
+            valid=has_child | eos_only,
+        )
+
+
+@dataclass
+class Expansion:
+    """Continuations per beam row, padded: ``tokens``, ``nodes`` (the child node, -1 off
+    the trie) and ``valid`` (False = padding slot), all [R, C]."""
+
+    tokens: torch.Tensor
+    nodes: torch.Tensor
+    valid: torch.Tensor
+
+
+@dataclass
+class LiveBeams:
+    """HF's running beams, [B, N] per user (B users, N beams)."""
+
+    scores: torch.Tensor  # [B, N] fp32 cumulative log-prob (incl. -1e9 charges)
+    nodes: torch.Tensor  # [B, N] int64 trie node reached, -1 = off the trie
+    tokens: torch.Tensor  # [B, N, S] int64 generated tokens (S = the step cap)
+
+    @classmethod
+    def start(cls, users: int, beams: int, steps: int, device: torch.device) -> LiveBeams:
+        scores = torch.zeros(users, beams, dtype=torch.float32, device=device)
+        scores[:, 1:] = _CHARGE
+        nodes = torch.zeros(users, beams, dtype=torch.int64, device=device)
+        tokens = torch.zeros(users, beams, steps, dtype=torch.int64, device=device)
+        return cls(scores, nodes, tokens)
+
+
+@dataclass
+class Candidates:
+    """The best 2N continuations per user at one step, best first, all [B, 2N] (tokens
+    [B, 2N, S])."""
+
+    scores: torch.Tensor  # fp32 cumulative log-prob
+    parents: torch.Tensor  # int64 beam (0..N-1) each one extends
+    nodes: torch.Tensor  # int64 trie node reached, -1 = off the trie
+    tokens: torch.Tensor  # int64 generated tokens so far
+    done: torch.Tensor  # bool, HF's stopping criteria: ends in EOS, or the last step
+    complete: torch.Tensor  # bool, a full title (EOS taken from a trie node)
+
+
+@dataclass
+class FinishedPool:
+    """HF's finished hypotheses, N slots per user, best first after every update."""
+
+    scores: torch.Tensor  # [B, N] fp32 Σ log p / L ** length_penalty (incl. charges)
+    finished: torch.Tensor  # [B, N] bool, HF's is_sent_finished
+    real: torch.Tensor  # [B, N] bool, a real finished title (what the oracle keeps)
+    lengths: torch.Tensor  # [B, N] int64 generated tokens incl. EOS
+    tokens: torch.Tensor  # [B, N, S] int64
+
+    @classmethod
+    def empty(cls, users: int, beams: int, steps: int, device: torch.device) -> FinishedPool:
+        flags = torch.zeros(users, beams, dtype=torch.bool, device=device)
+        return cls(torch.full((users, beams), _CHARGE, device=device), flags, flags.clone(),
+                   torch.zeros(users, beams, dtype=torch.int64, device=device),
+                   torch.zeros(users, beams, steps, dtype=torch.int64, device=device))
+
+
+@torch.no_grad()
+def engine_beam_search(
+    reasoner: LatentReasoner,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    trie: TitleTrie,
+    *,
+    num_beams: int = 10,
+    num_return: int = 10,
+    length_penalty: float = 1.0,
+    max_new_tokens: int = 128,
+) -> list[list[Hypothesis]]:
+    """Beam search constrained to the titles of ``trie``, prompts encoded once.
+
+    Args:
+        reasoner: in eval mode; its LLM of a family :class:`Decoder` supports.
+        prompt_ids, prompt_mask: ``[B, L]`` left-padded prompts; with a latent every row
+            ends in the thought token.
+        trie: the catalogue; its EOS must be the tokenizer's.
+        num_beams: at least 2 (as the oracle). num_return: 1..num_beams.
+    Returns:
+        per user, up to ``num_return`` hypotheses, best first: distinct complete trie
+        paths (generated tokens ending in EOS) with ``Σ log p / len ** length_penalty``;
+        the same as ``naive_beam_search`` on ``reasoner.prompt_embeds(...)``.
+    """
+    _check_inputs(reasoner, prompt_ids, prompt_mask, trie, num_beams, num_return,
+                  max_new_tokens)
+    decoder = Decoder(reasoner.llm)
+    users, device = prompt_ids.shape[0], prompt_ids.device
+    steps = min(max_new_tokens, trie.max_length)
+    vocab_size = reasoner.llm.get_output_embeddings().weight.shape[0]
+    trie_t = TrieTensors.from_trie(trie, vocab_size, device)
+    live = LiveBeams.start(users, num_beams, steps, device)
+    pool = FinishedPool.empty(users, num_beams, steps, device)
+    still_open = torch.ones(users, 1, dtype=torch.bool, device=device)
+    group_start = torch.arange(users, device=device)[:, None] * num_beams
+    prefix, inputs, first_logp = _encode_prompts(reasoner, decoder, prompt_ids, prompt_mask,
+                                                 num_beams)
+    cache = None
+    for step in range(1, steps + 1):
+        if inputs is None:
+            logp = first_logp
+        else:
+            hidden, cache = decoder.suffix(inputs, torch.ones_like(inputs[..., 0]), prefix,
+                                           num_beams, cache)
+            logp = _log_probs(decoder, hidden[:, -1])
+        cand = _top_candidates(live, logp, trie_t, step, steps)
+        live, parents = _next_live(cand, num_beams)
+        pool = _update_pool(pool, cand, still_open, step, length_penalty)
+        still_open = _still_open(still_open, live, pool, step, length_penalty)
+        if not bool(still_open.any()) or bool(cand.done.all()):
+            break
+        if cache is not None:
+            cache = cache.reorder((parents + group_start).flatten())
+        inputs = reasoner.embed(live.tokens[:, :, step - 1].flatten())[:, None]
+    return _hypotheses(pool, num_return)
+
+
+def _encode_prompts(reasoner: LatentReasoner, decoder: Decoder, prompt_ids: torch.Tensor,
+                    prompt_mask: torch.Tensor, num_beams: int
+                    ) -> tuple[PrefixCache, torch.Tensor | None, torch.Tensor | None]:
+    """Encode each prompt once. Returns the prefix cache and either the first suffix
+    input (with a latent: ``r`` for every beam row, [B·N, 1, d]) or, without one, the
+    first step's log-probs [B·N, V] from the prompt's last hidden state."""
+    if reasoner.uses_latent:
+        mask = prompt_mask[:, :-1]
+        prefix = decoder.prefix(prompt_ids[:, :-1], mask)
+        r = reasoner.thought(prefix.hidden, mask).to(prefix.hidden.dtype)
+        return prefix, r.repeat_interleave(num_beams, dim=0)[:, None], None
+    prefix = decoder.prefix(prompt_ids, prompt_mask)
+    logp = _log_probs(decoder, prefix.hidden[:, -1])
+    return prefix, None, logp.repeat_interleave(num_beams, dim=0)
+
+
+def _log_probs(decoder: Decoder, hidden: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary fp32 log-probs [R, V] of the next token from hidden [R, d]."""
+    return torch.log_softmax(decoder.logits(hidden).float(), dim=-1)
+
+
+def _top_candidates(live: LiveBeams, logp: torch.Tensor, trie_t: TrieTensors, step: int,
+                    last_step: int) -> Candidates:
+    """The best 2N trie-allowed continuations per user of the live beams; logp [B·N, V]."""
+    users, beams = live.scores.shape
+    exp = trie_t.expand(live.nodes.flatten())
+    width = exp.tokens.shape[1]
+    allowed = logp.gather(1, exp.tokens).masked_fill(~exp.valid, float("-inf"))  # [R, C]
+    total = (live.scores[:, :, None] + allowed.view(users, beams, width)).view(users, -1)
+    scores, flat = total.topk(2 * beams, dim=1)  # [B, 2N]
+    parents = flat // width
+
+    def pick(x: torch.Tensor) -> torch.Tensor:
+        return x.view(users, -1).gather(1, flat)
+
+    tokens, nodes = pick(exp.tokens), pick(exp.nodes)
+    ends = pick(exp.valid) & (tokens == trie_t.eos_token_id)
+    history = live.tokens.gather(1, parents[..., None].expand(-1, -1, live.tokens.shape[2]))
+    history[:, :, step - 1] = tokens
+    done = ends | (step == last_step)
+    return Candidates(scores, parents, nodes, history, done, ends & (nodes >= 0))
+
+
+def _next_live(cand: Candidates, beams: int) -> tuple[LiveBeams, torch.Tensor]:
+    """HF's next live beams: the best N candidates, done ones charged -1e9. Returns them
+    and their parents [B, N] (beam index within the user)."""
+    charged = cand.scores + cand.done.to(torch.float32) * _CHARGE
+    scores, pick = charged.topk(beams, dim=1)
+    tokens = cand.tokens.gather(1, pick[..., None].expand(-1, -1, cand.tokens.shape[2]))
+    return LiveBeams(scores, cand.nodes.gather(1, pick), tokens), cand.parents.gather(1, pick)
+
+
+def _update_pool(pool: FinishedPool, cand: Candidates, still_open: torch.Tensor, step: int,
+                 length_penalty: float) -> FinishedPool:
+    """Merge the done candidates of rank < N into the pool and keep the best N.
+    still_open [B, 1]: users whose search has not closed."""
+    beams = pool.scores.shape[1]
+    admitted = cand.done.clone()
+    admitted[:, beams:] = False
+    scores = cand.scores / (step**length_penalty)
+    scores = scores + (~still_open).to(torch.float32) * _CHARGE
+    scores = scores + (~admitted).to(torch.float32) * _CHARGE
+    real = cand.complete & admitted & still_open & (cand.scores > _FILLER_FLOOR)
+    merged_scores = torch.cat((pool.scores, scores), dim=1)
+    keep = merged_scores.topk(beams, dim=1).indices
+
+    def merge(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        both = torch.cat((old, new), dim=1)
+        index = keep.view(*keep.shape, *([1] * (both.dim() - 2))).expand(-1, -1,
+                                                                          *both.shape[2:])
+        return both.gather(1, index)
+
+    return FinishedPool(merged_scores.gather(1, keep), merge(pool.finished, admitted),
+                        merge(pool.real, real),
+                        merge(pool.lengths, torch.full_like(cand.parents, step)),
+                        merge(pool.tokens, cand.tokens))
+
+
+def _still_open(still_open: torch.Tensor, live: LiveBeams, pool: FinishedPool, step: int,
+                length_penalty: float) -> torch.Tensor:
+    """HF's ``early_stopping=False`` heuristic [B, 1]: a user's search stays open while a
+    pool slot is unfinished or the best live beam, scored at its current length, beats the
+    pool's worst score."""
+    best = live.scores[:, :1] / (step**length_penalty)
+    worst = torch.where(pool.finished, pool.scores.min(dim=1, keepdim=True).values, _CHARGE)
+    return still_open & (best > worst).any(dim=1, keepdim=True)
+
+
+def _hypotheses(pool: FinishedPool, num_return: int) -> list[list[Hypothesis]]:
+    """Per user, the pool's real titles, best first, at most ``num_return``."""
+    real, scores = pool.real.tolist(), pool.scores.tolist()
+    lengths, tokens = pool.lengths.tolist(), pool.tokens.tolist()
+    out = []
+    for u in range(len(real)):
+        kept = [Hypothesis(tuple(tokens[u][j][: lengths[u][j]]), scores[u][j])
+                for j in range(len(real[u])) if real[u][j]]
+        kept.sort(key=lambda hyp: hyp.score, reverse=True)
+        out.append(kept[:num_return])
+    return out
+
+
+def _check_inputs(reasoner: LatentReasoner, prompt_ids: torch.Tensor,
+                  prompt_mask: torch.Tensor, trie: TitleTrie, num_beams: int,
+                  num_return: int, max_new_tokens: int) -> None:
+    if reasoner.training or reasoner.llm.training:
+        raise ValueError("expected the reasoner in eval mode (reasoner.eval()), got training "
+                         "mode")
+    reasoner.check_prompt(prompt_ids, prompt_mask)
+    mask = prompt_mask.long()
+    if prompt_ids.shape[0] == 0 or prompt_ids.shape[1] < (2 if reasoner.uses_latent else 1):
+        raise ValueError(f"expected [B >= 1, L] prompts with a real token before the thought "
+                         f"token, got shape {tuple(prompt_ids.shape)}")
+    if not ((mask == 0) | (mask == 1)).all() or (mask.diff(dim=-1) < 0).any() or (
+        mask[:, -1] != 1
+    ).any():
+        raise ValueError("expected a left-padded 0/1 prompt_mask (rows 0…0 1…1), got another")
+    eos = reasoner.tokenizer.eos_token_id
+    if trie.eos_token_id != eos:
+        raise ValueError(f"expected a trie with the tokenizer's eos {eos}, got "
+                         f"{trie.eos_token_id}")
+    if num_beams < 2:
+        raise ValueError(f"expected num_beams >= 2, got {num_beams}")
+    if not 1 <= num_return <= num_beams:
+        raise ValueError(f"expected 1 <= num_return <= num_beams ({num_beams}), got {num_return}")
+    if max_new_tokens < 1:
+        raise ValueError(f"expected max_new_tokens >= 1, got {max_new_tokens}")

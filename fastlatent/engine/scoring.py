@@ -1,0 +1,50 @@
+"""Score target tokens after a shared prompt: the suffix pass plus the fused log-prob head.
+
+Rows are grouped contiguously, ``rows_per_group`` per prompt. With latents, each row's
+suffix is ``[latent_1..latent_N, y_1..y_T]`` and target j is predicted at suffix index
+N-1+j. Without latents (plain SFT), y_1 is predicted from the prompt's last hidden state
+and the suffix is the target itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastlatent.engine.decoder import Decoder, PrefixCache
+from fastlatent.ops.fused_logprob import IGNORE_INDEX, fused_logprob
+
+
+def lm_head_weight(llm: torch.nn.Module) -> torch.Tensor:
+    head = llm.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        raise ValueError(f"{type(llm).__name__}: expected a bias-free linear LM head")
+    return head.weight
+
+
+def score_targets(decoder: Decoder, prefix: PrefixCache, latents: torch.Tensor | None,
+                  target_ids: torch.Tensor, target_mask: torch.Tensor, rows_per_group: int,
+                  *, backend: str | None = None) -> torch.Tensor:
+    """Per-token log p(target) [R, T] float32 (0 at padding).
+
+    latents [R, N, d] or None; target_ids / target_mask [R, T] right-padded;
+    R = prefix.num_groups * rows_per_group. Differentiable in the latents (and in the
+    prefix and weights when they carry gradients).
+    """
+    rows, t = target_ids.shape
+    embed = decoder.llm.get_input_embeddings()
+    targets_emb = embed(target_ids)
+    if latents is not None:
+        n = latents.shape[1]
+        embeds = torch.cat((latents.to(targets_emb.dtype), targets_emb), dim=1)
+        mask = torch.cat((torch.ones(rows, n, dtype=target_mask.dtype,
+                                     device=target_mask.device), target_mask), dim=1)
+        hidden, _ = decoder.suffix(embeds, mask, prefix, rows_per_group)
+        predicting = hidden[:, n - 1:n - 1 + t]
+    else:
+        hidden, _ = decoder.suffix(targets_emb, target_mask, prefix, rows_per_group)
+        first = prefix.hidden[:, -1:].repeat_interleave(rows_per_group, dim=0)
+        predicting = torch.cat((first, hidden[:, :t - 1]), dim=1)
+    labels = target_ids.masked_fill(target_mask == 0, IGNORE_INDEX)
+    logp = fused_logprob(predicting.reshape(rows * t, -1), lm_head_weight(decoder.llm),
+                         labels.reshape(-1), backend=backend)
+    return logp.view(rows, t)

@@ -1,0 +1,102 @@
+"""Training steps on the engine: encode each prompt once, score every latent suffix
+against the shared prefix (the naive oracles are in fastlatent.testing.naive_steps)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+
+from fastlatent.data.batch import Batch
+from fastlatent.engine.decoder import Decoder, UnsupportedModelError
+from fastlatent.engine.grpo import latent_grpo_loss, ppl_rewards, sample_noise
+from fastlatent.engine.scoring import score_targets
+from fastlatent.model.reasoner import LatentReasoner
+
+
+@dataclass
+class SFTStepOutput:
+    nll_sum: torch.Tensor  # scalar, sum of -log p over target tokens (with gradient)
+    num_tokens: int
+
+
+@dataclass
+class RLStepOutput:
+    loss: torch.Tensor  # scalar, gradient reaches LatentRATT only
+    rewards: torch.Tensor  # [B, K] float32
+    advantages: torch.Tensor  # [B, K] float32
+    token_logprobs: torch.Tensor  # [B, K, T] float32, 0 where the target is padding
+
+
+def sft_step(reasoner: LatentReasoner, batch: Batch, *, decoder: Decoder | None = None,
+             backend: str | None = None) -> SFTStepOutput:
+    """Cross-entropy over target + EOS in ONE pass: the prompt (with gradients) once,
+    then the suffix [r, y] against its cache."""
+    decoder = decoder or Decoder(reasoner.llm)
+    reasoner.check_prompt(batch.prompt_ids, batch.prompt_mask)
+    if reasoner.uses_latent:
+        mask = batch.prompt_mask[:, :-1]
+        prefix = decoder.prefix(batch.prompt_ids[:, :-1], mask)
+        latents = reasoner.thought(prefix.hidden, mask)[:, None]
+    else:
+        prefix = decoder.prefix(batch.prompt_ids, batch.prompt_mask)
+        latents = None
+    logp = score_targets(decoder, prefix, latents, batch.target_ids, batch.target_mask, 1,
+                         backend=backend)
+    return SFTStepOutput(-logp.sum(), int(batch.target_mask.sum()))
+
+
+def rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma: float,
+            pool: str = "batch", noise: torch.Tensor | None = None,
+            generator: torch.Generator | None = None, eps: float = 1e-6,
+            decoder: Decoder | None = None, backend: str | None = None) -> RLStepOutput:
+    """Latent GRPO loss for one micro-batch (= the advantage pool).
+
+    One prefix pass per prompt (frozen LLM, no gradient) -> LatentRATT -> K-way expansion
+    r^k = r + sigma*eps_k (eps_0 = 0) -> one suffix pass over [r^k, y] for all B*K rows
+    against the shared prompt cache -> fused log-probs -> rewards and loss from that same
+    pass. Same contract as fastlatent.testing.naive_rl_step.
+    """
+    if k < 1:
+        raise ValueError(f"expected k >= 1, got {k}")
+    if not reasoner.uses_latent:
+        raise ValueError("RL needs a latent: this model was built with latent='none'")
+    reasoner.check_prompt(batch.prompt_ids, batch.prompt_mask)
+    decoder = decoder or Decoder(reasoner.llm)
+    b, d = len(batch), reasoner.llm.config.hidden_size
+    mask = batch.prompt_mask[:, :-1]
+    with torch.no_grad():
+        prefix = decoder.prefix(batch.prompt_ids[:, :-1], mask)
+    r = reasoner.thought(prefix.hidden, mask)  # [B, d] fp32, gradient to LatentRATT
+    if noise is None:
+        noise = sample_noise(b, k, d, generator=generator, device=r.device)
+    if noise.shape != (b, k, d):
+        raise ValueError(f"expected noise [{b}, {k}, {d}], got {tuple(noise.shape)}")
+    latents = (r[:, None] + sigma * noise.to(r)).reshape(b * k, 1, d)
+    logp = score_targets(decoder, prefix, latents, batch.target_ids.repeat_interleave(k, 0),
+                         batch.target_mask.repeat_interleave(k, 0), k, backend=backend)
+    token_logprobs = logp.view(b, k, -1)
+    rewards = ppl_rewards(token_logprobs, batch.target_mask[:, None, :])
+    loss, advantages = latent_grpo_loss(token_logprobs, batch.target_mask, rewards, pool=pool,
+                                        eps=eps)
+    return RLStepOutput(loss, rewards, advantages, token_logprobs.detach())
+
+
+def step_for(reasoner: LatentReasoner, stage: str) -> Callable[..., Any]:
+    """The engine's ``sft_step`` / ``rl_step`` bound to one Decoder, or, for a model family
+    the Decoder does not reproduce, the straightforward full-sequence step (with a
+    one-line notice)."""
+    if stage not in ("sft", "rl"):
+        raise ValueError(f"expected stage 'sft' or 'rl', got {stage!r}")
+    try:
+        decoder = Decoder(reasoner.llm)
+    except UnsupportedModelError as err:
+        print(f"notice: {err}; using the straightforward (slower) path", file=sys.stderr)
+        from fastlatent.testing import naive_steps
+
+        return naive_steps.naive_sft_step if stage == "sft" else naive_steps.naive_rl_step
+    return partial(sft_step if stage == "sft" else rl_step, decoder=decoder)

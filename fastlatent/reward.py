@@ -1,0 +1,86 @@
+"""Public perplexity-reward API for latent-RL code: score many latent "thoughts" per prompt
+against one encoding of the prompt.
+
+    rewards = fastlatent.ppl_reward(model, prompt_ids, prompt_mask, latents,
+                                    target_ids, target_mask)        # [B, K] float32
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastlatent.engine.decoder import Decoder
+from fastlatent.engine.grpo import mean_token_logprob
+from fastlatent.engine.scoring import score_targets
+
+
+def _check_ids(ids: torch.Tensor, mask: torch.Tensor, name: str) -> None:
+    if ids.dim() != 2 or mask.shape != ids.shape:
+        raise ValueError(f"expected {name}_ids and {name}_mask [B, length] of one shape, got "
+                         f"{tuple(ids.shape)} and {tuple(mask.shape)}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"expected integer {name}_ids, got {ids.dtype}")
+    if bool((mask.sum(-1) == 0).any()):
+        raise ValueError(f"expected at least one real token in every {name} row "
+                         f"({name}_mask has an all-zero row)")
+
+
+def left_align(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's real tokens to the right end, keeping their order (left padding)."""
+    order = torch.argsort(mask.bool().long(), dim=1, stable=True)
+    return ids.gather(1, order), mask.gather(1, order)
+
+
+def _is_right_padded(mask: torch.Tensor) -> bool:
+    m = mask.bool()
+    return bool((m[:, 1:] <= m[:, :-1]).all())
+
+
+def ppl_reward(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+               latents: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor, *,
+               backend: str | None = None, return_logprobs: bool = False):
+    """Reward ``-exp(mean NLL)`` of each target under each latent, from one prompt encoding.
+
+    Args:
+        model: a Hugging Face causal LM of the Llama, Qwen2/2.5, Qwen3 or Mistral family
+            (pass a LatentReasoner's ``.llm``).
+        prompt_ids, prompt_mask: [B, L]; left- or right-padded (the mask decides); no
+            thought token.
+        latents: [B, K, N, d] vectors in the model's input-embedding space, placed right
+            after each prompt (N latent positions per sample).
+        target_ids, target_mask: [B, T] right-padded; scored exactly as masked (append EOS
+            yourself if it should count).
+        backend: None/"auto", "torch" or "triton" (falls back to torch where no kernel).
+        return_logprobs: also return per-token log-probs [B, K, T] (0 at padding).
+
+    Returns rewards [B, K] float32, differentiable in ``latents`` when they require grad
+    (the prompt pass runs without gradient), and optionally the log-probs.
+    """
+    _check_ids(prompt_ids, prompt_mask, "prompt")
+    _check_ids(target_ids, target_mask, "target")
+    if target_ids.shape[0] != prompt_ids.shape[0]:
+        raise ValueError(f"expected {prompt_ids.shape[0]} target rows, got {target_ids.shape[0]}")
+    if not _is_right_padded(target_mask):
+        raise ValueError("expected right-padded targets (target_mask rows like 1 1 1 0 0)")
+    hidden_size = model.config.hidden_size
+    b = prompt_ids.shape[0]
+    if latents.dim() != 4 or latents.shape[0] != b or latents.shape[3] != hidden_size:
+        raise ValueError(f"expected latents [{b}, K, N, {hidden_size}], got "
+                         f"{tuple(latents.shape)}")
+    if not latents.is_floating_point():
+        raise ValueError(f"expected floating-point latents, got {latents.dtype}")
+    device = model.get_input_embeddings().weight.device
+    for name, t in (("prompt_ids", prompt_ids), ("latents", latents), ("target_ids", target_ids)):
+        if t.device != device:
+            raise ValueError(f"expected {name} on the model's device {device}, got {t.device}")
+    decoder = Decoder(model)
+    k, n = latents.shape[1], latents.shape[2]
+    ids, mask = left_align(prompt_ids.long(), prompt_mask)
+    with torch.no_grad():
+        prefix = decoder.prefix(ids, mask)
+    tgt_ids = target_ids.long().repeat_interleave(k, 0)
+    tgt_mask = target_mask.repeat_interleave(k, 0)
+    logp = score_targets(decoder, prefix, latents.reshape(b * k, n, hidden_size), tgt_ids,
+                         tgt_mask, k, backend=backend).view(b, k, -1)
+    rewards = -torch.exp(-mean_token_logprob(logp, target_mask[:, None, :].to(logp.dtype)))
+    return (rewards, logp) if return_logprobs else rewards

@@ -1,0 +1,284 @@
+"""The engine's trie-constrained beam search against the naive oracle (HF ``generate``).
+
+Same titles in the same order and the same scores, for both latent modes, length
+penalties 1.0 and 0.0, 2 to 10 beams, ragged prompts, the catalogue's trie, a trie with
+varied title lengths and more titles than beams, and a trie with fewer titles than beams
+(HF's filler beams). Also: every prompt is encoded once, with no HF forward at all.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from fastlatent.data.batch import collate
+from fastlatent.data.prompt import PromptBuilder
+from fastlatent.data.trie import TitleTrie
+from fastlatent.engine import beam_search as engine_module
+from fastlatent.engine.beam_search import engine_beam_search
+from fastlatent.engine.decoder import Decoder
+from fastlatent.evaluate import build_title_trie
+from fastlatent.testing.beam_search import naive_beam_search
+
+LATENTS = ["ratt", "none"]
+LENGTH_PENALTIES = pytest.mark.parametrize("length_penalty", [1.0, 0.0],
+                                           ids=["lp1-bigrec", "lp0-d3"])
+
+
+def build_reasoner(dataset, latent: str):
+    """A tiny random Llama (+ LatentRATT) with weights large enough that next-token
+    distributions are far from uniform, so rankings and pruning are not decided by length
+    alone."""
+    from fastlatent.model.loading import load_llm
+    from fastlatent.model.reasoner import LatentReasoner, ReasonerConfig
+
+    llm, tokenizer = load_llm("tiny-random", tokenizer_texts=dataset.catalogue.titles, seed=0)
+    reasoner = LatentReasoner.build(llm, tokenizer, ReasonerConfig(latent=latent))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in reasoner.parameters():
+            if p.dim() == 2:
+                p.copy_(0.15 * torch.randn(p.shape, generator=gen))
+    return reasoner.eval()
+
+
+@pytest.fixture(scope="module", params=LATENTS)
+def reasoner(request, synthetic_dataset):
+    return build_reasoner(synthetic_dataset, request.param)
+
+
+@pytest.fixture(scope="module")
+def builder(reasoner, synthetic_dataset):
+    return PromptBuilder(reasoner.tokenizer, domain=synthetic_dataset.domain,
+                         use_thought=reasoner.uses_latent)
+
+
+@pytest.fixture(scope="module")
+def catalogue_trie(builder, synthetic_dataset) -> TitleTrie:
+    return build_title_trie(builder, synthetic_dataset.catalogue)
+
+
+def prompts(builder, dataset, first: int, count: int):
+    """``count`` test users from ``first`` on, left-padded (their prompts are ragged)."""
+    rows = dataset.split("test")[first:first + count]
+    batch = collate([builder.encode(ex) for ex in rows], builder.tokenizer.pad_token_id)
+    if len(set(batch.prompt_mask.sum(-1).tolist())) < 2:
+        raise RuntimeError("expected ragged prompt lengths")
+    return batch.prompt_ids, batch.prompt_mask
+
+
+def naive(reasoner, ids, mask, trie, **kwargs):
+    with torch.no_grad():
+        embeds = reasoner.prompt_embeds(ids, mask)
+        return naive_beam_search(reasoner.llm, embeds, mask, trie,
+                                 eos_token_id=reasoner.tokenizer.eos_token_id,
+                                 pad_token_id=reasoner.tokenizer.pad_token_id, **kwargs)
+
+
+def assert_same_hypotheses(got, expected):
+    assert len(got) == len(expected)
+    for got_row, expected_row in zip(got, expected, strict=True):
+        assert [h.token_ids for h in got_row] == [h.token_ids for h in expected_row]
+        assert [h.score for h in got_row] == pytest.approx(
+            [h.score for h in expected_row], abs=1e-4)
+
+
+def check_against_naive(reasoner, ids, mask, trie, **kwargs):
+    """Engine == oracle; returns the oracle's result (for non-vacuity checks)."""
+    expected = naive(reasoner, ids, mask, trie, **kwargs)
+    assert_same_hypotheses(engine_beam_search(reasoner, ids, mask, trie, **kwargs), expected)
+    return expected
+
+
+def random_trie(eos: int, seed: int, num_titles: int = 40) -> TitleTrie:
+    """Titles of 1..5 tokens (plus EOS) over a few shared first tokens; some titles are
+    prefixes of others."""
+    rng = random.Random(seed)
+    heads = [rng.randrange(3, 300) for _ in range(4)]
+    titles: set[tuple[int, ...]] = set()
+    while len(titles) < num_titles:
+        body = [rng.choice(heads)] + [rng.randrange(3, 300) for _ in range(rng.randint(0, 4))]
+        titles.add((*body, eos))
+        if len(body) > 1 and rng.random() < 0.3:
+            titles.add((*body[:-1], eos))
+    return TitleTrie.from_sequences(sorted(titles), eos_token_id=eos)
+
+
+@pytest.fixture(scope="module")
+def varied_trie(reasoner) -> TitleTrie:
+    return random_trie(reasoner.tokenizer.eos_token_id, seed=3)
+
+
+@pytest.fixture(scope="module")
+def small_trie(reasoner) -> TitleTrie:
+    eos = reasoner.tokenizer.eos_token_id
+    return TitleTrie.from_sequences([(40, eos), (40, 41, eos), (50, 51, 52, eos)],
+                                    eos_token_id=eos)
+
+
+@LENGTH_PENALTIES
+@pytest.mark.parametrize(("num_beams", "first", "count"), [(2, 0, 5), (5, 5, 4), (10, 9, 3)],
+                         ids=["N2-B5", "N5-B4", "N10-B3"])
+def test_catalogue_trie_matches_naive(reasoner, builder, catalogue_trie, synthetic_dataset,
+                                      num_beams, first, count, length_penalty):
+    ids, mask = prompts(builder, synthetic_dataset, first, count)
+    expected = check_against_naive(reasoner, ids, mask, catalogue_trie, num_beams=num_beams,
+                                   num_return=num_beams, length_penalty=length_penalty)
+    assert all(len(row) == num_beams for row in expected)
+
+
+@LENGTH_PENALTIES
+@pytest.mark.parametrize(("num_beams", "first", "count"), [(3, 12, 4), (10, 16, 3)],
+                         ids=["N3-B4", "N10-B3"])
+def test_varied_lengths_trie_matches_naive(reasoner, builder, varied_trie, synthetic_dataset,
+                                           num_beams, first, count, length_penalty):
+    ids, mask = prompts(builder, synthetic_dataset, first, count)
+    expected = check_against_naive(reasoner, ids, mask, varied_trie, num_beams=num_beams,
+                                   num_return=num_beams, length_penalty=length_penalty)
+    assert len({len(h.token_ids) for row in expected for h in row}) > 1
+
+
+@LENGTH_PENALTIES
+@pytest.mark.parametrize("num_beams", [2, 5, 10])
+def test_fewer_titles_than_beams_matches_naive(reasoner, builder, small_trie,
+                                               synthetic_dataset, num_beams, length_penalty):
+    ids, mask = prompts(builder, synthetic_dataset, 20, 3)
+    expected = check_against_naive(reasoner, ids, mask, small_trie, num_beams=num_beams,
+                                   num_return=num_beams, length_penalty=length_penalty)
+    if num_beams >= 5:  # fillers pad the search; only the three real titles come back
+        assert all(len(row) == 3 for row in expected)
+
+
+def test_titles_cut_off_by_max_new_tokens_match_naive(reasoner, builder, varied_trie,
+                                                      synthetic_dataset):
+    # At the last step HF admits every top candidate to the finished pool, cut-off
+    # ones too (the oracle drops those afterwards), so they can displace real titles.
+    ids, mask = prompts(builder, synthetic_dataset, 0, 4)
+    expected = check_against_naive(reasoner, ids, mask, varied_trie, num_beams=6,
+                                   num_return=6, max_new_tokens=3)
+    assert all(len(h.token_ids) <= 3 for row in expected for h in row)
+
+
+def test_num_return_is_the_head(reasoner, builder, catalogue_trie, synthetic_dataset):
+    ids, mask = prompts(builder, synthetic_dataset, 3, 3)
+    full = engine_beam_search(reasoner, ids, mask, catalogue_trie, num_beams=6, num_return=6)
+    head = engine_beam_search(reasoner, ids, mask, catalogue_trie, num_beams=6, num_return=2)
+    assert head == [row[:2] for row in full]
+
+
+def test_comparison_detects_a_wrong_length_penalty(reasoner, builder, varied_trie,
+                                                   synthetic_dataset):
+    # Guards the equality tests: the two penalties rank the titles differently here, and
+    # the engine run with the wrong one fails the comparison.
+    ids, mask = prompts(builder, synthetic_dataset, 12, 4)
+    kwargs = dict(num_beams=3, num_return=3)
+    lp1 = naive(reasoner, ids, mask, varied_trie, length_penalty=1.0, **kwargs)
+    lp0 = naive(reasoner, ids, mask, varied_trie, length_penalty=0.0, **kwargs)
+    assert [[h.token_ids for h in row] for row in lp1] != [[h.token_ids for h in row]
+                                                           for row in lp0]
+    wrong = engine_beam_search(reasoner, ids, mask, varied_trie, length_penalty=0.5, **kwargs)
+    with pytest.raises(AssertionError):
+        assert_same_hypotheses(wrong, lp1)
+
+
+def test_comparison_detects_missing_filler_beams(reasoner, builder, catalogue_trie,
+                                                 synthetic_dataset, monkeypatch):
+    # Without HF's -1e9 start for beams 1..N-1, every beam expands the same prefix and the
+    # results hold duplicates: the comparison must notice.
+    ids, mask = prompts(builder, synthetic_dataset, 0, 3)
+    kwargs = dict(num_beams=4, num_return=4)
+    expected = naive(reasoner, ids, mask, catalogue_trie, **kwargs)
+
+    def start_all_at_zero(users, beams, steps, device):
+        return engine_module.LiveBeams(
+            torch.zeros(users, beams, device=device),
+            torch.zeros(users, beams, dtype=torch.int64, device=device),
+            torch.zeros(users, beams, steps, dtype=torch.int64, device=device))
+
+    monkeypatch.setattr(engine_module.LiveBeams, "start", start_all_at_zero)
+    wrong = engine_beam_search(reasoner, ids, mask, catalogue_trie, **kwargs)
+    with pytest.raises(AssertionError):
+        assert_same_hypotheses(wrong, expected)
+
+
+def test_each_prompt_is_encoded_once(reasoner, builder, catalogue_trie, synthetic_dataset,
+                                     monkeypatch):
+    ids, mask = prompts(builder, synthetic_dataset, 0, 5)
+    prefix_rows: list[int] = []
+    suffix_shapes: list[tuple[int, int, int]] = []
+    original_prefix, original_suffix = Decoder.prefix, Decoder.suffix
+
+    def counting_prefix(self, input_ids=None, attention_mask=None, **kwargs):
+        prefix_rows.append(input_ids.shape[0])
+        return original_prefix(self, input_ids, attention_mask, **kwargs)
+
+    def counting_suffix(self, inputs_embeds, suffix_mask, prefix, rows_per_group, cache=None):
+        suffix_shapes.append((*inputs_embeds.shape[:2], rows_per_group))
+        return original_suffix(self, inputs_embeds, suffix_mask, prefix, rows_per_group, cache)
+
+    monkeypatch.setattr(Decoder, "prefix", counting_prefix)
+    monkeypatch.setattr(Decoder, "suffix", counting_suffix)
+    hf_forwards = []
+    handle = reasoner.llm.register_forward_pre_hook(lambda *args: hf_forwards.append(1))
+    try:
+        engine_beam_search(reasoner, ids, mask, catalogue_trie, num_beams=4, num_return=4)
+    finally:
+        handle.remove()
+    assert prefix_rows == [5]  # one prefix pass, one row per user
+    assert hf_forwards == []
+    # A suffix pass per step after the first (with a latent, the first too: r), one token
+    # per beam row, beams grouped per user; never more steps than the longest title.
+    assert 1 <= len(suffix_shapes) <= catalogue_trie.max_length
+    assert set(suffix_shapes) == {(5 * 4, 1, 4)}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_beams": 1, "num_return": 1}, "num_beams >= 2"),
+        ({"num_beams": 2, "num_return": 3}, "num_return <= num_beams"),
+        ({"max_new_tokens": 0}, "max_new_tokens >= 1"),
+    ],
+    ids=["greedy", "return>beams", "no-tokens"],
+)
+def test_rejects_bad_arguments(reasoner, builder, small_trie, synthetic_dataset, kwargs,
+                               message):
+    ids, mask = prompts(builder, synthetic_dataset, 0, 2)
+    with pytest.raises(ValueError, match=message):
+        engine_beam_search(reasoner, ids, mask, small_trie, **kwargs)
+
+
+def test_rejects_bad_inputs(reasoner, builder, small_trie, synthetic_dataset):
+    ids, mask = prompts(builder, synthetic_dataset, 0, 2)
+    eos = reasoner.tokenizer.eos_token_id
+    with pytest.raises(ValueError, match="one shape"):
+        engine_beam_search(reasoner, ids, mask[:, 1:], small_trie)
+    holed = mask.clone()
+    holed[0, -3] = 0  # a gap inside the prompt: not left padding
+    with pytest.raises(ValueError, match="left-padded"):
+        engine_beam_search(reasoner, ids, holed, small_trie)
+    with pytest.raises(ValueError, match=f"eos {eos}"):
+        engine_beam_search(reasoner, ids, mask,
+                           TitleTrie.from_sequences([(40, eos + 1)], eos_token_id=eos + 1))
+    vocab = reasoner.llm.get_output_embeddings().weight.shape[0]
+    with pytest.raises(ValueError, match="below the vocabulary size"):
+        engine_beam_search(reasoner, ids, mask,
+                           TitleTrie.from_sequences([(vocab, eos)], eos_token_id=eos))
+    reasoner.train()
+    try:
+        with pytest.raises(ValueError, match="eval mode"):
+            engine_beam_search(reasoner, ids, mask, small_trie)
+    finally:
+        reasoner.eval()
+
+
+def test_rejects_prompts_without_the_thought_token(synthetic_dataset):
+    reasoner = build_reasoner(synthetic_dataset, "ratt")
+    builder = PromptBuilder(reasoner.tokenizer, domain=synthetic_dataset.domain,
+                            use_thought=False)
+    ids, mask = prompts(builder, synthetic_dataset, 0, 2)
+    trie = build_title_trie(builder, synthetic_dataset.catalogue)
+    with pytest.raises(ValueError, match="thought token"):
+        engine_beam_search(reasoner, ids, mask, trie)
