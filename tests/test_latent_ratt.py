@@ -102,3 +102,18 @@ def test_release_initialisation():
     for proj in (module.q_proj, module.k_proj, module.v_proj):
         assert proj.bias is not None and bool((proj.bias == 0).all())
         assert abs(float(proj.weight.detach().std()) - 0.02) < 0.002
+
+
+def test_k_way_expansion_adds_scaled_noise_and_keeps_r0():
+    torch.manual_seed(2)
+    module = LatentRATT(8)
+    hidden, mask = torch.randn(3, 5, 8), torch.ones(3, 5, dtype=torch.long)
+    noise = torch.randn(3, 4, 8)
+    noise[:, 0] = 0
+    r = module(hidden, mask)
+    expanded = module(hidden, mask, noise=noise, sigma=1.5)
+    assert expanded.shape == (3, 4, 8)
+    torch.testing.assert_close(expanded[:, 0], r)
+    torch.testing.assert_close(expanded[:, 1:], r[:, None] + 1.5 * noise[:, 1:])
+    with pytest.raises(ValueError, match="noise"):
+        module(hidden, mask, noise=torch.randn(2, 4, 8), sigma=1.0)

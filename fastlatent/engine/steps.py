@@ -71,12 +71,13 @@ def rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma: float,
     mask = batch.prompt_mask[:, :-1]
     with torch.no_grad():
         prefix = decoder.prefix(batch.prompt_ids[:, :-1], mask)
-    r = reasoner.thought(prefix.hidden, mask)  # [B, d] fp32, gradient to LatentRATT
     if noise is None:
-        noise = sample_noise(b, k, d, generator=generator, device=r.device)
+        noise = sample_noise(b, k, d, generator=generator, device=prefix.hidden.device)
     if noise.shape != (b, k, d):
         raise ValueError(f"expected noise [{b}, {k}, {d}], got {tuple(noise.shape)}")
-    latents = (r[:, None] + sigma * noise.to(r)).reshape(b * k, 1, d)
+    # LatentRATT fused with the K-way expansion: [B, K, d] fp32, gradient to LatentRATT
+    latents = reasoner.thought(prefix.hidden, mask, noise=noise, sigma=sigma)
+    latents = latents.reshape(b * k, 1, d)
     logp = score_targets(decoder, prefix, latents, batch.target_ids.repeat_interleave(k, 0),
                          batch.target_mask.repeat_interleave(k, 0), k, backend=backend)
     token_logprobs = logp.view(b, k, -1)

