@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,10 @@ from fastlatent.data.prompt import PromptBuilder
 from fastlatent.data.sampling import chunks
 from fastlatent.data.sources import item_key
 from fastlatent.data.trie import TitleTrie
+from fastlatent.engine.beam_search import engine_beam_search
+from fastlatent.engine.decoder import Decoder, UnsupportedModelError
 from fastlatent.metrics import rank_of_first_hit, summarize
 from fastlatent.model.reasoner import LatentReasoner
-from fastlatent.testing.beam_search import naive_beam_search
 
 
 @dataclass
@@ -45,6 +47,28 @@ def decode_title(tokenizer, token_ids: Sequence[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False).strip().strip('"').strip()
 
 
+def _naive_search(reasoner: LatentReasoner, prompt_ids: torch.Tensor,
+                  prompt_mask: torch.Tensor, trie: TitleTrie, **kwargs: Any):
+    from fastlatent.testing.beam_search import naive_beam_search
+
+    tok = reasoner.tokenizer
+    embeds = reasoner.prompt_embeds(prompt_ids, prompt_mask)
+    return naive_beam_search(reasoner.llm, embeds, prompt_mask, trie,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                             **kwargs)
+
+
+def beam_search_for(reasoner: LatentReasoner) -> Callable[..., list]:
+    """The engine's shared-prefix beam search, or HF generate (the oracle) with a notice
+    for a model family the Decoder does not reproduce."""
+    try:
+        Decoder(reasoner.llm)
+    except UnsupportedModelError as err:
+        print(f"notice: {err}; evaluating with HF generate (slower)", file=sys.stderr)
+        return _naive_search
+    return engine_beam_search
+
+
 def evaluate(reasoner: LatentReasoner, examples: Sequence[Example], builder: PromptBuilder,
              trie: TitleTrie, cfg: EvalConfig, *, popular: set | None = None,
              seed: int = 0, desc: str = "eval") -> EvalResult:
@@ -55,17 +79,16 @@ def evaluate(reasoner: LatentReasoner, examples: Sequence[Example], builder: Pro
     was_training = reasoner.training
     reasoner.eval()
     ranks, predictions = [], []
+    search = beam_search_for(reasoner)
     bar = tqdm(total=len(examples), desc=desc, unit="user", dynamic_ncols=True)
     with torch.no_grad():
         for part in chunks(examples, cfg.eval_batch_size):
             batch = collate([builder.encode(ex) for ex in part], tokenizer.pad_token_id)
             batch = batch.to(reasoner.device)
-            embeds = reasoner.prompt_embeds(batch.prompt_ids, batch.prompt_mask)
-            hyps = naive_beam_search(
-                reasoner.llm, embeds, batch.prompt_mask, trie,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                num_beams=cfg.num_beams, num_return=cfg.num_beams,
-                length_penalty=cfg.length_penalty, max_new_tokens=cfg.max_new_tokens)
+            hyps = search(reasoner, batch.prompt_ids, batch.prompt_mask, trie,
+                          num_beams=cfg.num_beams, num_return=cfg.num_beams,
+                          length_penalty=cfg.length_penalty,
+                          max_new_tokens=cfg.max_new_tokens)
             for ex, row in zip(part, hyps, strict=True):
                 titles = [decode_title(tokenizer, h.token_ids) for h in row]
                 rank = rank_of_first_hit(titles, ex.target)

@@ -61,7 +61,7 @@ def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLC
     generator = torch.Generator().manual_seed(seed)
     pad = reasoner.tokenizer.pad_token_id
     micro = cfg.rl_micro_batch or cfg.rl_batch_size
-    step = step_for(reasoner, "rl")
+    train_step = step_for(reasoner, "rl")
     checkpoint = output_dir / "rl"
     log.write("rl", "start", prompts=len(prompts), total_steps=total_steps, k=cfg.num_samples,
               sigma=cfg.sigma, advantage=cfg.advantage)
@@ -73,7 +73,7 @@ def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLC
                 break
             loss_sum, s0, rewards_all = 0.0, [], []
             for part in chunks(batch, micro):
-                out = step(reasoner, collate(part, pad).to(reasoner.device),
+                out = train_step(reasoner, collate(part, pad).to(reasoner.device),
                            k=cfg.num_samples, sigma=cfg.sigma, pool=cfg.advantage,
                            generator=generator)
                 (out.loss * len(part) / len(batch)).backward()

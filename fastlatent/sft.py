@@ -37,13 +37,13 @@ def validation_loss(reasoner: LatentReasoner, examples: Sequence[EncodedExample]
                     micro_batch: int) -> float:
     """Token-weighted mean NLL over ``examples`` (no gradient)."""
     pad = reasoner.tokenizer.pad_token_id
-    step = step_for(reasoner, "sft")
+    score = step_for(reasoner, "sft")
     total, tokens = 0.0, 0
     was_training = reasoner.training
     reasoner.eval()
     with torch.no_grad():
         for part in chunks(examples, micro_batch):
-            out = step(reasoner, collate(part, pad).to(reasoner.device))
+            out = score(reasoner, collate(part, pad).to(reasoner.device))
             total, tokens = total + float(out.nll_sum), tokens + out.num_tokens
     reasoner.train(was_training)
     return total / max(1, tokens)
@@ -69,7 +69,7 @@ def run_sft(reasoner: LatentReasoner, train: Sequence[EncodedExample],
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_linear_decay(cfg.sft_warmup_steps, total_steps))
     pad = reasoner.tokenizer.pad_token_id
-    step = step_for(reasoner, "sft")
+    train_step = step_for(reasoner, "sft")
     checkpoint = output_dir / "sft"
     best, best_epoch, bad_epochs, step, epoch = math.inf, -1, 0, 0, 0
     log.write("sft", "start", train=len(train), valid=len(valid), total_steps=total_steps)
@@ -82,7 +82,7 @@ def run_sft(reasoner: LatentReasoner, train: Sequence[EncodedExample],
             n_tokens = sum(len(ex.target_ids) for ex in batch)
             loss_sum = 0.0
             for part in chunks(batch, cfg.sft_micro_batch):
-                out = step(reasoner, collate(part, pad).to(reasoner.device))
+                out = train_step(reasoner, collate(part, pad).to(reasoner.device))
                 (out.nll_sum / n_tokens).backward()
                 loss_sum += float(out.nll_sum.detach())
             grad_norm, lr = clipped_update(optimizer, scheduler, params, grad_clip)

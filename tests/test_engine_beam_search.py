@@ -151,14 +151,21 @@ def test_fewer_titles_than_beams_matches_naive(reasoner, builder, small_trie,
         assert all(len(row) == 3 for row in expected)
 
 
+@pytest.mark.parametrize(("num_beams", "max_new_tokens", "first", "length_penalty"),
+                         [(2, 3, 4, 0.0), (6, 4, 0, 1.0), (6, 3, 8, 1.0)],
+                         ids=["N2-T3-lp0", "N6-T4-lp1", "N6-T3-lp1"])
 def test_titles_cut_off_by_max_new_tokens_match_naive(reasoner, builder, varied_trie,
-                                                      synthetic_dataset):
-    # At the last step HF admits every top candidate to the finished pool, cut-off
-    # ones too (the oracle drops those afterwards), so they can displace real titles.
-    ids, mask = prompts(builder, synthetic_dataset, 0, 4)
-    expected = check_against_naive(reasoner, ids, mask, varied_trie, num_beams=6,
-                                   num_return=6, max_new_tokens=3)
-    assert all(len(h.token_ids) <= 3 for row in expected for h in row)
+                                                      synthetic_dataset, num_beams,
+                                                      max_new_tokens, first, length_penalty):
+    # At the last step HF admits every top candidate to the finished pool, cut-off ones
+    # too (the oracle drops those afterwards), so they can displace real titles: with
+    # latent="ratt", the first two cases return fewer titles if the engine does not.
+    ids, mask = prompts(builder, synthetic_dataset, first, 4)
+    expected = check_against_naive(reasoner, ids, mask, varied_trie, num_beams=num_beams,
+                                   num_return=num_beams, length_penalty=length_penalty,
+                                   max_new_tokens=max_new_tokens)
+    assert all(len(h.token_ids) <= max_new_tokens for row in expected for h in row)
+    assert any(row for row in expected)
 
 
 def test_num_return_is_the_head(reasoner, builder, catalogue_trie, synthetic_dataset):
@@ -172,8 +179,8 @@ def test_comparison_detects_a_wrong_length_penalty(reasoner, builder, varied_tri
                                                    synthetic_dataset):
     # Guards the equality tests: the two penalties rank the titles differently here, and
     # the engine run with the wrong one fails the comparison.
-    ids, mask = prompts(builder, synthetic_dataset, 12, 4)
-    kwargs = dict(num_beams=3, num_return=3)
+    ids, mask = prompts(builder, synthetic_dataset, 0, 4)
+    kwargs = dict(num_beams=8, num_return=8)
     lp1 = naive(reasoner, ids, mask, varied_trie, length_penalty=1.0, **kwargs)
     lp0 = naive(reasoner, ids, mask, varied_trie, length_penalty=0.0, **kwargs)
     assert [[h.token_ids for h in row] for row in lp1] != [[h.token_ids for h in row]
@@ -203,35 +210,56 @@ def test_comparison_detects_missing_filler_beams(reasoner, builder, catalogue_tr
         assert_same_hypotheses(wrong, expected)
 
 
-def test_each_prompt_is_encoded_once(reasoner, builder, catalogue_trie, synthetic_dataset,
-                                     monkeypatch):
-    ids, mask = prompts(builder, synthetic_dataset, 0, 5)
-    prefix_rows: list[int] = []
-    suffix_shapes: list[tuple[int, int, int]] = []
+@pytest.fixture
+def engine_calls(monkeypatch):
+    """Records every Decoder.prefix call (prompt rows) and Decoder.suffix call (rows,
+    tokens, rows_per_group) while a test runs."""
+    calls: dict[str, list] = {"prefix": [], "suffix": []}
     original_prefix, original_suffix = Decoder.prefix, Decoder.suffix
 
-    def counting_prefix(self, input_ids=None, attention_mask=None, **kwargs):
-        prefix_rows.append(input_ids.shape[0])
+    def prefix(self, input_ids=None, attention_mask=None, **kwargs):
+        calls["prefix"].append(input_ids.shape[0])
         return original_prefix(self, input_ids, attention_mask, **kwargs)
 
-    def counting_suffix(self, inputs_embeds, suffix_mask, prefix, rows_per_group, cache=None):
-        suffix_shapes.append((*inputs_embeds.shape[:2], rows_per_group))
+    def suffix(self, inputs_embeds, suffix_mask, prefix, rows_per_group, cache=None):
+        calls["suffix"].append((*inputs_embeds.shape[:2], rows_per_group))
         return original_suffix(self, inputs_embeds, suffix_mask, prefix, rows_per_group, cache)
 
-    monkeypatch.setattr(Decoder, "prefix", counting_prefix)
-    monkeypatch.setattr(Decoder, "suffix", counting_suffix)
+    monkeypatch.setattr(Decoder, "prefix", prefix)
+    monkeypatch.setattr(Decoder, "suffix", suffix)
+    return calls
+
+
+def test_each_prompt_is_encoded_once(reasoner, builder, catalogue_trie, synthetic_dataset,
+                                     engine_calls):
+    ids, mask = prompts(builder, synthetic_dataset, 0, 5)
     hf_forwards = []
     handle = reasoner.llm.register_forward_pre_hook(lambda *args: hf_forwards.append(1))
     try:
         engine_beam_search(reasoner, ids, mask, catalogue_trie, num_beams=4, num_return=4)
     finally:
         handle.remove()
-    assert prefix_rows == [5]  # one prefix pass, one row per user
+    assert engine_calls["prefix"] == [5]  # one prefix pass, one row per user
     assert hf_forwards == []
-    # A suffix pass per step after the first (with a latent, the first too: r), one token
-    # per beam row, beams grouped per user; never more steps than the longest title.
-    assert 1 <= len(suffix_shapes) <= catalogue_trie.max_length
-    assert set(suffix_shapes) == {(5 * 4, 1, 4)}
+    # Then one token per beam row and step, the 4 beams of each user grouped on its prompt.
+    assert engine_calls["suffix"]
+    assert set(engine_calls["suffix"]) == {(5 * 4, 1, 4)}
+
+
+def test_stops_at_the_same_step_as_hf(reasoner, builder, varied_trie, synthetic_dataset,
+                                      engine_calls):
+    # Here HF's early_stopping=False heuristic ends the search one step before the
+    # longest title (5 model passes, not 6).
+    ids, mask = prompts(builder, synthetic_dataset, 4, 4)
+    hf_forwards = []
+    handle = reasoner.llm.register_forward_pre_hook(lambda *args: hf_forwards.append(1))
+    try:
+        check_against_naive(reasoner, ids, mask, varied_trie, num_beams=2, num_return=2)
+    finally:
+        handle.remove()
+    assert len(hf_forwards) < varied_trie.max_length
+    engine_steps = len(engine_calls["suffix"]) + (0 if reasoner.uses_latent else 1)
+    assert engine_steps == len(hf_forwards)
 
 
 @pytest.mark.parametrize(

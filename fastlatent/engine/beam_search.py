@@ -143,7 +143,8 @@ class FinishedPool:
     @classmethod
     def empty(cls, users: int, beams: int, steps: int, device: torch.device) -> FinishedPool:
         flags = torch.zeros(users, beams, dtype=torch.bool, device=device)
-        return cls(torch.full((users, beams), _CHARGE, device=device), flags, flags.clone(),
+        scores = torch.full((users, beams), _CHARGE, dtype=torch.float32, device=device)
+        return cls(scores, flags, flags.clone(),
                    torch.zeros(users, beams, dtype=torch.int64, device=device),
                    torch.zeros(users, beams, steps, dtype=torch.int64, device=device))
 
