@@ -120,12 +120,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                   sft_micro_batch=8, sft_epochs=2, sft_warmup_steps=2, sft_lr=3e-3,
                   rl_batch_size=8, rl_max_steps=2, rl_warmup_steps=1, rl_lr=1e-3,
                   eval_limit=12, num_beams=5, max_new_tokens=24),
-    # Sized for 2 CPU cores with the straightforward (naive) paths: SmolLM2 does about
-    # 360 tokens/s forward and 100 tokens/s forward+backward there.
-    "cpu": dict(sft_limit=128, sft_batch_size=32, sft_micro_batch=8, sft_epochs=1,
-                sft_warmup_steps=1, sft_lr=3e-4, valid_limit=32, rl_limit=16,
-                rl_batch_size=8, rl_max_steps=2, rl_warmup_steps=1, rl_lr=1e-4,
-                eval_limit=60, eval_batch_size=4),
+    # Sized for 2 CPU cores with the engine (benchmarks/RESULTS.md: SmolLM2-135M there does
+    # an SFT step of 8 examples in ~10 s, an RL step of 8 prompts x K=8 in ~11 s, and
+    # beam search at ~1.9 s per user): about 15 minutes in all.
+    "cpu": dict(sft_limit=256, sft_batch_size=32, sft_micro_batch=8, sft_epochs=1,
+                sft_warmup_steps=1, sft_lr=3e-4, valid_limit=32, rl_limit=80,
+                rl_batch_size=8, rl_max_steps=10, rl_warmup_steps=1, rl_lr=1e-4,
+                eval_limit=100, eval_batch_size=8),
     "paper": dict(sft_batch_size=128, sft_epochs=3, sft_lr=3e-4, sft_warmup_steps=20,
                   rl_batch_size=32, rl_epochs=1, rl_warmup_steps=200, rl_lr=1e-4,
                   num_samples=8, sigma=1.5, num_beams=10, dtype="bfloat16"),

@@ -7,9 +7,12 @@ against one encoding of the prompt.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
-from fastlatent.engine.decoder import Decoder
+from fastlatent.data.batch import positions_from_mask
+from fastlatent.engine.decoder import Decoder, UnsupportedModelError
 from fastlatent.engine.grpo import mean_token_logprob
 from fastlatent.engine.scoring import score_targets
 
@@ -42,8 +45,9 @@ def ppl_reward(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: to
     """Reward ``-exp(mean NLL)`` of each target under each latent, from one prompt encoding.
 
     Args:
-        model: a Hugging Face causal LM of the Llama, Qwen2/2.5, Qwen3 or Mistral family
-            (pass a LatentReasoner's ``.llm``).
+        model: a Hugging Face causal LM (pass a LatentReasoner's ``.llm``). The Llama,
+            Qwen2/2.5, Qwen3 and Mistral families use the shared-prefix engine; other models
+            that take ``inputs_embeds`` go through their own forward (a notice says so).
         prompt_ids, prompt_mask: [B, L]; left- or right-padded (the mask decides); no
             thought token.
         latents: [B, K, N, d] vectors in the model's input-embedding space, placed right
@@ -73,14 +77,47 @@ def ppl_reward(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: to
     for name, t in (("prompt_ids", prompt_ids), ("latents", latents), ("target_ids", target_ids)):
         if t.device != device:
             raise ValueError(f"expected {name} on the model's device {device}, got {t.device}")
-    decoder = Decoder(model)
     k, n = latents.shape[1], latents.shape[2]
     ids, mask = left_align(prompt_ids.long(), prompt_mask)
-    with torch.no_grad():
-        prefix = decoder.prefix(ids, mask)
     tgt_ids = target_ids.long().repeat_interleave(k, 0)
     tgt_mask = target_mask.repeat_interleave(k, 0)
-    logp = score_targets(decoder, prefix, latents.reshape(b * k, n, hidden_size), tgt_ids,
-                         tgt_mask, k, backend=backend).view(b, k, -1)
+    rows = latents.reshape(b * k, n, hidden_size)
+    try:
+        decoder = Decoder(model)
+    except UnsupportedModelError as err:
+        print(f"notice: {err}; scoring through the model's own forward with each prompt "
+              "repeated per sample (slower)", file=sys.stderr)
+        logp = _generic_logprobs(model, ids, mask, rows, tgt_ids, tgt_mask, k)
+    else:
+        with torch.no_grad():
+            prefix = decoder.prefix(ids, mask)
+        logp = score_targets(decoder, prefix, rows, tgt_ids, tgt_mask, k, backend=backend)
+    logp = logp.view(b, k, -1)
     rewards = -torch.exp(-mean_token_logprob(logp, target_mask[:, None, :].to(logp.dtype)))
     return (rewards, logp) if return_logprobs else rewards
+
+
+def _generic_logprobs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                      latents: torch.Tensor, target_ids: torch.Tensor,
+                      target_mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-token log-probs [B*K, T] from one forward of the model over
+    [prompt (left-padded, repeated K times), latents, target] — for families the Decoder
+    does not reproduce. Needs a model that accepts ``inputs_embeds``."""
+    embed = model.get_input_embeddings()
+    prompt = embed(ids).repeat_interleave(k, 0)
+    full = torch.cat((prompt, latents.to(prompt.dtype), embed(target_ids)), dim=1)
+    full_mask = torch.cat((mask.repeat_interleave(k, 0),
+                           torch.ones(latents.shape[:2], dtype=mask.dtype, device=mask.device),
+                           target_mask), dim=1)
+    try:
+        logits = model(inputs_embeds=full, attention_mask=full_mask,
+                       position_ids=positions_from_mask(full_mask)).logits
+    except TypeError as err:
+        raise ValueError(f"{type(model).__name__} cannot be scored: it is not a supported "
+                         f"family and its forward does not take inputs_embeds/position_ids "
+                         f"({err})") from err
+    start = ids.shape[1] + latents.shape[1] - 1
+    t = target_ids.shape[1]
+    logp = torch.log_softmax(logits[:, start:start + t].float(), dim=-1)
+    logp = logp.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
+    return logp * target_mask.to(logp.dtype)

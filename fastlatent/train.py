@@ -24,8 +24,9 @@ from fastlatent.config import PRESETS, Config, build_config
 from fastlatent.runlog import StepLog, write_json_atomic
 
 METRIC_KEYS = ("hr@5", "hr@10", "ndcg@5", "ndcg@10")
-DEMO_NOTE = ("note: the cpu preset is a demonstration sized for 2 CPU cores (a few hundred "
-             "examples, a couple of RL steps, 60 users); its numbers are not the paper's.")
+DEMO_NOTE = ("note: the cpu preset is a demonstration sized for 2 CPU cores (256 SFT "
+             "examples, 10 RL steps of 8 prompts, 100 evaluation users); its numbers are "
+             "not the paper's.")
 
 
 def _flag(name: str) -> str:

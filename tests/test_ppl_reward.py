@@ -105,8 +105,18 @@ def test_bad_inputs_are_clear_errors(llm):
         fastlatent.ppl_reward(llm, pid, pmask * 0, latents, tid, tmask)
     with pytest.raises(ValueError, match="target rows"):
         fastlatent.ppl_reward(llm, pid, pmask, latents, tid[:2], tmask[:2])
+
+
+def test_other_families_go_through_their_own_forward(capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=97))
-    with pytest.raises(ValueError, match="gpt2|GPT2|supported"):
-        fastlatent.ppl_reward(gpt2, pid, pmask, latents, tid, tmask)
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=97)).eval()
+    prompts, targets, latents = make_case(seed=4)
+    pid, pmask = pad(prompts, "right")
+    tid, tmask = pad(targets, "right")
+    rewards = fastlatent.ppl_reward(gpt2, pid, pmask, latents, tid, tmask)
+    assert "own forward" in capsys.readouterr().err
+    with torch.no_grad():
+        ref, _ = naive_rewards(gpt2, prompts, targets, latents)
+    torch.testing.assert_close(rewards, ref, rtol=1e-5, atol=1e-5)
