@@ -1,4 +1,4 @@
-"""Log-prob head: full logits (naive) vs the vocabulary-tiled fused op (torch)."""
+"""Log-prob head: full logits (naive) vs the vocabulary-tiled fused op (torch, triton)."""
 
 from __future__ import annotations
 
@@ -17,17 +17,23 @@ def naive(hidden, weight, targets):
     return target_logprobs_from_logits(hidden @ weight.T, targets)
 
 
-@pytest.mark.parametrize("provider", ["naive", "torch"])
+@pytest.mark.parametrize("provider", ["naive", "torch", "triton"])
 @pytest.mark.parametrize("head,step", CASES, ids=[f"{h.name}-{s.name}" for h, s in CASES])
 def test_fused_logprob(benchmark, provider, head, step):
     if step is PAPER_STEP and not torch.cuda.is_available():
         pytest.skip("paper-sized batch only on a GPU")
+    if provider == "triton" and not torch.cuda.is_available():
+        pytest.skip("the Triton kernel is timed on a GPU only (the interpreter is not a speed)")
     dev = device()
     rows = step.prompts * step.k * step.target_len
     hidden = torch.randn(rows, head.hidden, device=dev, requires_grad=True)
     weight = torch.randn(head.vocab, head.hidden, device=dev) / head.hidden ** 0.5
     targets = torch.randint(0, head.vocab, (rows,), device=dev)
-    fn = naive if provider == "naive" else fused_logprob
+    if provider == "naive":
+        fn = naive
+    else:
+        def fn(h, w, t):
+            return fused_logprob(h, w, t, backend=provider)
 
     def fwd_bwd():
         logp = fn(hidden, weight, targets)

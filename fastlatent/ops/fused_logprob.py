@@ -8,9 +8,17 @@ per-row log-sum-exp:
     d logp_n / d h_n = W[t_n] - sum_v p_nv W_v,   d logp_n / d W_v = (1[v = t_n] - p_nv) h_n
 
 Targets equal to -100 are ignored (log-prob 0, no gradient).
+
+Two backends (``resolve_backend``): the PyTorch path below, and Triton kernels
+(``kernels/fused_logprob.py``, imported on first use only) that run on CUDA, or on the CPU
+under ``TRITON_INTERPRET=1``. The Triton path takes fp32, fp16 and bf16 inputs (other
+dtypes use the PyTorch path); its tile sizes come from the kernels' autotune configs, so
+``vocab_tile`` only applies to the PyTorch path.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -39,8 +47,9 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
                          f"values in [{int(valid.min())}, {int(valid.max())}]")
 
 
-def _fused_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                       vocab_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _fused_logprob_fwd_torch(hidden: torch.Tensor, weight: torch.Tensor,
+                             targets: torch.Tensor,
+                             vocab_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (logp [N] fp32 with 0 at ignored rows, lse [N] fp32)."""
     h = hidden.float()
     n, v = h.shape[0], weight.shape[0]
@@ -62,9 +71,9 @@ def _fused_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     return logp, lse
 
 
-def _fused_logprob_bwd(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
-                       targets: torch.Tensor, lse: torch.Tensor, vocab_tile: int,
-                       need_hidden: bool, need_weight: bool):
+def _fused_logprob_bwd_torch(grad_logp: torch.Tensor, hidden: torch.Tensor,
+                             weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                             vocab_tile: int, need_hidden: bool, need_weight: bool):
     h = hidden.float()
     g = torch.where(targets == IGNORE_INDEX, torch.zeros_like(grad_logp), grad_logp.float())
     grad_h = torch.zeros_like(h) if need_hidden else None
@@ -90,7 +99,7 @@ def _fused_logprob_bwd(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: to
 class _FusedLogprobTorchFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, vocab_tile: int):
-        logp, lse = _fused_logprob_fwd(hidden, weight, targets, vocab_tile)
+        logp, lse = _fused_logprob_fwd_torch(hidden, weight, targets, vocab_tile)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.vocab_tile = vocab_tile
         return logp
@@ -98,7 +107,7 @@ class _FusedLogprobTorchFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp):
         hidden, weight, targets, lse = ctx.saved_tensors
-        grad_h, grad_w = _fused_logprob_bwd(
+        grad_h, grad_w = _fused_logprob_bwd_torch(
             grad_logp, hidden, weight, targets, lse, ctx.vocab_tile,
             ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return grad_h, grad_w, None, None
@@ -110,15 +119,161 @@ def fused_logprob_torch(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     return _FusedLogprobTorchFn.apply(hidden, weight, targets, vocab_tile)
 
 
+# ---------------------------------------------------------------------------- Triton path
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MIN_SPLIT_V = 2048          # fewest vocabulary entries per split of the row-block grid
+_PARTIAL_BYTES = 1 << 28     # cap on the fp32 [splits, N, D] grad-hidden partials
+
+
+def _alloc(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """fp32 buffer that a Triton kernel writes in full (tests swap in a NaN-filled one)."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _vocab_splits(n_rows: int, v: int, device: torch.device, min_block_n: int) -> int:
+    """Vocabulary splits so that row blocks x splits covers ~2 programs per SM (1 off GPU:
+    the interpreter runs programs one after another)."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    row_blocks = _cdiv(n_rows, min_block_n)
+    return max(1, min(_cdiv(2 * _sm_count(index), row_blocks), v // _MIN_SPLIT_V))
+
+
+def _logit_precision(hidden: torch.Tensor, weight: torch.Tensor) -> str:
+    """TF32 is exact for fp16/bf16 operands; fp32 operands need 3xTF32."""
+    low = (torch.float16, torch.bfloat16)
+    return "tf32" if hidden.dtype in low and weight.dtype in low else "tf32x3"
+
+
+def _grad_precision(out_dtype: torch.dtype) -> str:
+    """The fp32 coefficient operand is rounded to TF32 (2^-11) only when the gradient is
+    stored in bf16 (2^-9) anyway."""
+    return "tf32" if out_dtype == torch.bfloat16 else "tf32x3"
+
+
+def _fused_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward. Inputs have unit inner stride. Returns (logp [N] fp32 with 0 at
+    ignored rows, lse [N] fp32). ``num_splits`` overrides the vocabulary split count."""
+    from fastlatent.kernels import fused_logprob as kern
+
+    n, d = hidden.shape
+    v = weight.shape[0]
+    logp, lse = _alloc((n,), hidden.device), _alloc((n,), hidden.device)
+    if n == 0:
+        return logp, lse
+    s = num_splits or _vocab_splits(n, v, hidden.device,
+                                    min(c.kwargs["BLOCK_N"] for c in kern.CONFIGS))
+    part = _alloc((3, s, n), hidden.device)  # running max, sum of exp, target logit
+
+    def grid(meta):
+        return (_cdiv(n, meta["BLOCK_N"]), s)
+
+    kern._fused_logprob_fwd_kernel[grid](
+        hidden, weight, targets, part[0], part[1], part[2], n, v, d,
+        hidden.stride(0), weight.stride(0), LOGIT_PRECISION=_logit_precision(hidden, weight))
+
+    def grid_rows(meta):
+        return (_cdiv(n, meta["BLOCK_N"]),)
+
+    kern._fused_logprob_combine_kernel[grid_rows](
+        part[0], part[1], part[2], targets, logp, lse, n, s,
+        BLOCK_S=max(2, 1 << (s - 1).bit_length()))
+    return logp, lse
+
+
+def _fused_logprob_bwd(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                       targets: torch.Tensor, lse: torch.Tensor, num_splits: int | None,
+                       need_hidden: bool, need_weight: bool):
+    """Triton backward: (grad_hidden or None, grad_weight or None) in the input dtypes."""
+    from fastlatent.kernels import fused_logprob as kern
+
+    n, d = hidden.shape
+    v = weight.shape[0]
+    g = grad_logp.float().contiguous()
+    args = (hidden, weight, targets, lse, g)
+    strides = (hidden.stride(0), weight.stride(0))
+    logit_precision = _logit_precision(hidden, weight)
+    grad_h = grad_w = None
+    if need_hidden:
+        if n == 0:
+            grad_h = hidden.new_zeros(hidden.shape)
+        else:
+            s = num_splits or _vocab_splits(n, v, hidden.device,
+                                            min(c.kwargs["BLOCK_N"] for c in kern.CONFIGS))
+            s = max(1, min(s, _PARTIAL_BYTES // (4 * n * max(d, 1))))
+            part = _alloc((s, n, d), hidden.device)
+
+            def grid(meta):
+                return (_cdiv(n, meta["BLOCK_N"]), s)
+
+            kern._fused_logprob_bwd_dh_kernel[grid](
+                *args, part, n, v, d, *strides, LOGIT_PRECISION=logit_precision,
+                GRAD_PRECISION=_grad_precision(hidden.dtype))
+            grad_h = (part[0] if s == 1 else part.sum(0)).to(hidden.dtype)
+    if need_weight:
+        dw = _alloc((v, d), weight.device)
+
+        def grid_vocab(meta):
+            return (_cdiv(v, meta["BLOCK_V"]),)
+
+        if n == 0:
+            dw.zero_()
+        else:
+            kern._fused_logprob_bwd_dw_kernel[grid_vocab](
+                *args, dw, n, v, d, *strides, LOGIT_PRECISION=logit_precision,
+                GRAD_PRECISION=_grad_precision(weight.dtype))
+        grad_w = dw.to(weight.dtype)
+    return grad_h, grad_w
+
+
+class _FusedLogprobFn(torch.autograd.Function):
+    """Triton path. ``num_splits`` (None = by device) overrides the vocabulary split count."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, num_splits):
+        hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+        weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+        targets = targets.contiguous()
+        logp, lse = _fused_logprob_fwd(hidden, weight, targets, num_splits)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.num_splits = num_splits
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        grad_h, grad_w = _fused_logprob_bwd(
+            grad_logp, hidden, weight, targets, lse, ctx.num_splits,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return grad_h, grad_w, None, None
+
+
 def fused_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                   backend: str | None = None, vocab_tile: int = VOCAB_TILE) -> torch.Tensor:
     """Per-token log p(target) without materialising logits.
 
     Args: hidden [N, D], weight [V, D] (the LM head), targets [N] int64 (-100 = ignore).
     Returns: logp [N] float32 (0 at ignored rows); differentiable in hidden and weight.
+    ``backend`` ("auto" | "triton" | "torch", default ``$FASTLATENT_BACKEND``) picks the
+    implementation; ``vocab_tile`` is the PyTorch path's tile (Triton tiles are autotuned).
     """
     _check_inputs(hidden, weight, targets)
     if vocab_tile < 1:
         raise ValueError(f"expected vocab_tile >= 1, got {vocab_tile}")
-    resolve_backend(hidden.device, backend, available=("torch",))
+    use_triton = (resolve_backend(hidden.device, backend, available=("torch", "triton")) == "triton"
+                  and hidden.dtype in _TRITON_DTYPES and weight.dtype in _TRITON_DTYPES)
+    if use_triton:
+        return _FusedLogprobFn.apply(hidden, weight, targets, None)
     return fused_logprob_torch(hidden, weight, targets, vocab_tile=vocab_tile)
