@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 
 import pytest
 import torch
@@ -23,12 +22,17 @@ fl = importlib.import_module("fastlatent.ops.fused_logprob")
 
 triton = pytest.importorskip("triton")
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+from fastlatent.testing.triton_checks import (  # noqa: E402
+    DEVICE,
+    backend_cases,
+    needs_triton,
+    poison_allocations,
+    set_backend_env,
+    skip_unless_runtime_loops,
+    spy_on,
+)
 
-pytestmark = pytest.mark.skipif(not (ON_GPU or INTERPRETING),
-                                reason="Triton needs CUDA or TRITON_INTERPRET=1")
+pytestmark = needs_triton
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
        torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
@@ -39,43 +43,13 @@ FLOOR = {torch.float32: 1e-6, torch.float16: 2 ** -12, torch.bfloat16: 2 ** -9}
 
 @pytest.fixture(scope="module", autouse=True)
 def interpreter_runs_runtime_loops():
-    """Triton 3.5-3.6's interpreter with numpy >= 2.4 cannot run ``range`` over a runtime
-    value (int() of a one-element array); the kernels loop that way, as they must to
-    pipeline on the GPU. Skip there with the reason, rather than fail on the toolchain."""
-    if not INTERPRETING:
-        return
-    import triton.language as tl
-
-    @triton.jit
-    def _count(out, n):
-        acc = 0
-        for _ in range(0, tl.cdiv(n, 2)):
-            acc += 1
-        tl.store(out, acc)
-
-    out = torch.zeros(1, dtype=torch.int32)
-    try:
-        _count[(1,)](out, 5)
-    except Exception as exc:  # InterpreterError wrapping numpy's TypeError
-        if "0-dimensional" in str(exc):
-            pytest.skip(f"Triton {triton.__version__} interpreter with this numpy cannot "
-                        "loop over runtime bounds (needs Triton >= 3.7 or numpy < 2.4)")
-        raise
-    assert out.item() == 3
+    skip_unless_runtime_loops()
 
 
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
     """Every buffer the Triton path allocates starts as NaN; returns the list of them."""
-    buffers = []
-
-    def alloc(shape, device):
-        buf = torch.full(shape, float("nan"), dtype=torch.float32, device=device)
-        buffers.append(buf)
-        return buf
-
-    monkeypatch.setattr(fl, "_alloc", alloc)
-    return buffers
+    return poison_allocations(monkeypatch, fl)
 
 
 def make_inputs(n, d, v, dtype, seed=0, ignore_every=0):
@@ -221,27 +195,10 @@ def test_unwritten_output_is_caught(monkeypatch):
     assert bool(torch.isnan(out).all())
 
 
-@pytest.mark.parametrize("env,override,expect_triton", [
-    ("triton", None, True),
-    ("torch", None, False),
-    ("torch", "triton", True),
-    ("triton", "torch", False),
-    ("auto", None, ON_GPU),
-    (None, None, ON_GPU),
-], ids=["env-triton", "env-torch", "arg-beats-env", "arg-torch", "auto", "unset"])
+@backend_cases
 def test_backend_selection(monkeypatch, env, override, expect_triton):
-    if env is None:
-        monkeypatch.delenv("FASTLATENT_BACKEND", raising=False)
-    else:
-        monkeypatch.setenv("FASTLATENT_BACKEND", env)
-    calls = []
-    launcher = fl._fused_logprob_fwd
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return launcher(*args, **kwargs)
-
-    monkeypatch.setattr(fl, "_fused_logprob_fwd", spy)
+    set_backend_env(monkeypatch, env)
+    calls = spy_on(monkeypatch, fl, "_fused_logprob_fwd")
     hidden, weight, targets = make_inputs(3, 8, 50, torch.float32)
     out = fused_logprob(hidden, weight, targets, backend=override)
     assert bool(calls) == expect_triton

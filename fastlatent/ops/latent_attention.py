@@ -5,6 +5,17 @@ up to it (q/k/v = x W^T + bias, LatentRATT's own half-split RoPE over each head'
 scale 1/sqrt(head_dim)), giving r_b; then r^k_b = r_b + sigma * eps_bk with eps_b0 = 0
 supplied by the caller. Everything is computed in float32 (LatentRATT keeps fp32 master
 weights); the hidden states may be any float dtype.
+
+Two backends (``resolve_backend``): the PyTorch path below, and for one head (the
+release's setting) a Triton path (``kernels/latent_attention.py``, imported on first use)
+that runs on CUDA, or on the CPU under ``TRITON_INTERPRET=1``. Its split: the projections
+q = W_q h_c + b_q, K = H W_k^T + b_k and the product s W_v^T are PyTorch matmuls; the
+attention core (RoPE on q and K, scores over the visible keys, online softmax and the
+weighted hidden sum s = sum_j w_j h_j) is one Triton program per prompt, and a second
+small kernel writes the output r + sigma * eps (with b_v added) as [B, K, d]. The
+backward mirrors it: one Triton program per prompt for the softmax / RoPE / weighted-sum
+gradients, PyTorch matmuls for the projection gradients. More heads, other dtypes and
+empty batches take the PyTorch path.
 """
 
 from __future__ import annotations
@@ -94,6 +105,148 @@ def _check_inputs(hidden, mask, weights, num_heads, noise) -> None:
         raise ValueError(f"expected noise [{b}, K, {d}], got {tuple(noise.shape)}")
 
 
+# ---------------------------------------------------------------------------- Triton path
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _weight_tensors(weights: LatentAttentionWeights) -> tuple[torch.Tensor, ...]:
+    return (weights.q_weight, weights.q_bias, weights.k_weight, weights.k_bias,
+            weights.v_weight, weights.v_bias)
+
+
+def _alloc(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """fp32 buffer that a Triton kernel writes in full (tests swap in a NaN-filled one)."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def _unit_inner(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _latent_attention_fwd(hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                          qcol: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                          rope_base: float) -> tuple[torch.Tensor, ...]:
+    """Attention core. hidden [B, L, d] (unit inner stride), mask / pos [B, L] int32,
+    qcol [B] int32, q [B, d] and k [B, L, d] fp32 (unrotated projections).
+    Returns (w [B, L], s [B, d]) fp32: softmax weights (0 where not visible) and
+    s = sum_j w_j h_j."""
+    from fastlatent.kernels import latent_attention as kern
+
+    b, length, d = hidden.shape
+    z, w = _alloc((b, length), hidden.device), _alloc((b, length), hidden.device)
+    lse, s = _alloc((b,), hidden.device), _alloc((b, d), hidden.device)
+    kern._latent_attention_fwd_kernel[(b,)](
+        q, k, hidden, mask, pos, qcol, z, w, lse, s, length, d, d // 2,
+        k.stride(0), k.stride(1), hidden.stride(0), hidden.stride(1),
+        1.0 / math.sqrt(d), math.log2(rope_base))
+    return w, s
+
+
+def _latent_attention_expand(rv: torch.Tensor, v_bias: torch.Tensor,
+                             noise: torch.Tensor | None, sigma: float) -> torch.Tensor:
+    """out [B, K, d] = rv[:, None] + b_v + sigma * noise (K = 1 without noise), fp32."""
+    from fastlatent.kernels import latent_attention as kern
+
+    b, d = rv.shape
+    n_k = 1 if noise is None else noise.shape[1]
+    out = _alloc((b, n_k, d), rv.device)
+    if n_k == 0:
+        return out
+    strides = (0, 0) if noise is None else (noise.stride(0), noise.stride(1))
+    kern._latent_attention_expand_kernel[(b, n_k)](
+        rv, v_bias, rv if noise is None else noise, out, n_k, d, *strides, sigma,
+        HAS_NOISE=noise is not None)
+    return out
+
+
+def _latent_attention_bwd(g_s: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor,
+                          pos: torch.Tensor, qcol: torch.Tensor, q: torch.Tensor,
+                          k: torch.Tensor, w: torch.Tensor,
+                          rope_base: float) -> tuple[torch.Tensor, ...]:
+    """Attention-core backward from g_s = dL/ds [B, d] (fp32). Returns fp32 (dq [B, d],
+    dk [B, L, d], dh [B, L, d]): gradients to the unrotated projections and the direct
+    part w_j g_s of the hidden gradient."""
+    from fastlatent.kernels import latent_attention as kern
+
+    b, length, d = hidden.shape
+    gz = _alloc((b, length), hidden.device)
+    dq, dk = _alloc((b, d), hidden.device), _alloc((b, length, d), hidden.device)
+    dh = _alloc((b, length, d), hidden.device)
+    kern._latent_attention_bwd_kernel[(b,)](
+        q, k, hidden, mask, pos, qcol, w, g_s, gz, dq, dk, dh, length, d, d // 2,
+        k.stride(0), k.stride(1), hidden.stride(0), hidden.stride(1),
+        1.0 / math.sqrt(d), math.log2(rope_base))
+    return dq, dk, dh
+
+
+class _LatentAttentionFn(torch.autograd.Function):
+    """Triton path, one head. Output [B, K, d] with noise, else [B, d] (fp32)."""
+
+    @staticmethod
+    def forward(ctx, hidden, mask, noise, sigma: float, rope_base: float,
+                q_weight, q_bias, k_weight, k_bias, v_weight, v_bias):
+        hidden = _unit_inner(hidden)
+        b, length, d = hidden.shape
+        real = mask != 0
+        qcol = last_real_index(real)
+        rows = torch.arange(b, device=hidden.device)
+        mask_i = real.to(torch.int32).contiguous()
+        pos = positions_from_mask(real).to(torch.int32).contiguous()
+        qcol_i = qcol.to(torch.int32).contiguous()
+        x_last = hidden[rows, qcol].float()
+        q = torch.nn.functional.linear(x_last, q_weight.float(), q_bias.float()).contiguous()
+        k = torch.nn.functional.linear(hidden.float(), k_weight.float(),
+                                       k_bias.float()).contiguous()
+        w, s = _latent_attention_fwd(hidden, mask_i, pos, qcol_i, q, k, rope_base)
+        rv = (s @ v_weight.float().T).contiguous()
+        out = _latent_attention_expand(rv, _unit_inner(v_bias),
+                                       None if noise is None else _unit_inner(noise), sigma)
+        ctx.save_for_backward(hidden, mask_i, pos, qcol_i, q, k, w, s,
+                              q_weight, k_weight, v_weight)
+        ctx.has_noise = noise is not None
+        ctx.sigma = sigma
+        ctx.rope_base = rope_base
+        ctx.noise_dtype = None if noise is None else noise.dtype
+        ctx.weight_dtypes = tuple(t.dtype for t in (q_weight, q_bias, k_weight, k_bias,
+                                                    v_weight, v_bias))
+        return out if noise is not None else out.view(b, d)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (hidden, mask_i, pos, qcol, q, k, w, s,
+         q_weight, k_weight, v_weight) = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g = grad_out.float()
+        g_r = g.sum(1) if ctx.has_noise else g  # [B, d]
+        grad_noise = (ctx.sigma * g).to(ctx.noise_dtype) if ctx.has_noise and need[2] else None
+        g_s = (g_r @ v_weight.float()).contiguous()
+        dq, dk, dh = _latent_attention_bwd(g_s, hidden, mask_i, pos, qcol, q, k, w,
+                                           ctx.rope_base)
+        b, length, d = hidden.shape
+        rows = torch.arange(b, device=hidden.device)
+        # padding rows never reach the result; zero them so their content cannot leak
+        x = hidden.float().masked_fill(mask_i[..., None] == 0, 0.)
+        x_last = x[rows, qcol.long()]
+        grads = [None] * 11
+        if need[0]:
+            grad_h = dh + dk @ k_weight.float()
+            grad_h[rows, qcol.long()] += dq @ q_weight.float()
+            grads[0] = grad_h.to(hidden.dtype)
+        grads[2] = grad_noise
+        flat_dk = dk.reshape(b * length, d)
+        for i, fn in ((5, lambda: dq.T @ x_last), (6, lambda: dq.sum(0)),
+                      (7, lambda: flat_dk.T @ x.reshape(b * length, d)),
+                      (8, lambda: flat_dk.sum(0)), (9, lambda: g_r.T @ s),
+                      (10, lambda: g_r.sum(0))):
+            if need[i]:
+                grads[i] = fn()
+        for i, dtype in enumerate(ctx.weight_dtypes, start=5):
+            if grads[i] is not None:
+                grads[i] = grads[i].to(dtype)
+        return tuple(grads)
+
+
 def latent_attention(hidden: torch.Tensor, mask: torch.Tensor,
                      weights: LatentAttentionWeights, *, num_heads: int = 1,
                      rope_base: float = 1000.0, noise: torch.Tensor | None = None,
@@ -105,7 +258,14 @@ def latent_attention(hidden: torch.Tensor, mask: torch.Tensor,
     Returns r [B, d] (noise None) or r + sigma * noise [B, K, d], float32.
     """
     _check_inputs(hidden, mask, weights, num_heads, noise)
-    resolve_backend(hidden.device, backend, available=("torch",))
+    use_triton = (resolve_backend(hidden.device, backend, available=("torch", "triton"))
+                  == "triton" and num_heads == 1 and hidden.shape[0] > 0
+                  and hidden.dtype in _TRITON_DTYPES
+                  and all(t.dtype in _TRITON_DTYPES for t in _weight_tensors(weights))
+                  and (noise is None or noise.dtype in _TRITON_DTYPES))
+    if use_triton:
+        return _LatentAttentionFn.apply(hidden, mask, noise, float(sigma), float(rope_base),
+                                        *_weight_tensors(weights))
     r = latent_attention_torch(hidden, mask, weights, num_heads=num_heads, rope_base=rope_base)
     if noise is None:
         return r

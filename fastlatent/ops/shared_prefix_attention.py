@@ -11,6 +11,15 @@ parts are merged by their log-sum-exp:
 Dtype policy: the score and value matmuls run in the input dtype (fp32 accumulation on
 every device we target); scaling, softmax, log-sum-exp and the merge are fp32; the output
 is cast back to ``q.dtype``.
+
+Two backends (``resolve_backend``): the PyTorch path below, and Triton kernels
+(``kernels/shared_prefix_attention.py``, imported on first use only) for fp32, fp16 and
+bf16 inputs on CUDA, or on the CPU under ``TRITON_INTERPRET=1``. The Triton forward takes
+all queries of a group that share a kv head as one stacked query axis and runs a single
+online softmax over the prompt tiles, then the rows' own suffix tiles; it saves the fp32
+log-sum-exp, from which the Triton backward recomputes the probabilities (dq kernel, and
+dk/dv kernels for the prompt and the suffix keys). Only ``delta = rowsum(dout * out)``
+(from the saved fp32 output) and the cast of the output to q's dtype are PyTorch.
 """
 
 from __future__ import annotations
@@ -114,6 +123,152 @@ def shared_prefix_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return out.to(q.dtype)
 
 
+# ---------------------------------------------------------------------------- Triton path
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Buffer that a Triton kernel writes in full (tests swap in a NaN-filled one)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _unit_inner(x: torch.Tensor) -> torch.Tensor:
+    """The kernels take any strides but a unit inner one."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """TF32 where the result is stored in bf16 anyway; 3xTF32 keeps fp32/fp16 accuracy."""
+    return "tf32" if dtype == torch.bfloat16 else "tf32x3"
+
+
+def _block_d(d: int) -> int:
+    return max(16, 1 << (d - 1).bit_length())  # tl.dot needs every dimension >= 16
+
+
+def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _shared_prefix_attention_fwd(q, k, v, valid, prefix_k, prefix_v, prefix_ok,
+                                 rows_per_group: int, scale: float):
+    """Triton forward. Tensors have unit inner stride; ``valid`` and ``prefix_ok`` are
+    contiguous int8. Returns (out [R, H, T, D] fp32, lse [R, H, T] fp32). The output stays
+    fp32 for the backward's delta = rowsum(dout * out): with an fp16-rounded output the
+    key gradients lose more than the PyTorch path does."""
+    from fastlatent.kernels import shared_prefix_attention as kern
+
+    r, h, t, d = q.shape
+    g, hkv, length, _ = prefix_k.shape
+    s, n_rep = k.shape[2], h // hkv
+    m = rows_per_group * n_rep * t
+    out = _alloc((r, h, t, d), torch.float32, q.device)
+    lse = _alloc((r, h, t), torch.float32, q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+
+    def grid(meta):
+        return (g, hkv, _cdiv(m, meta["BLOCK_M"]))
+
+    kern._shared_prefix_attention_fwd_kernel[grid](
+        q, k, v, valid, prefix_k, prefix_v, prefix_ok, out, lse, scale,
+        rows_per_group, n_rep, t, s, length, d, m,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(prefix_k),
+        *_strides3(prefix_v), *_strides3(out),
+        PRECISION=_precision(q.dtype), BLOCK_D=_block_d(d))
+    return out, lse
+
+
+def _shared_prefix_attention_bwd(grad_out, q, k, v, valid, prefix_k, prefix_v, prefix_ok,
+                                 out, lse, rows_per_group: int, scale: float,
+                                 needs: tuple[bool, bool, bool, bool, bool]):
+    """Triton backward: (dq, dk, dv, dprefix_k, dprefix_v), None where not needed."""
+    from fastlatent.kernels import shared_prefix_attention as kern
+
+    r, h, t, d = q.shape
+    g, hkv, length, _ = prefix_k.shape
+    s, n_rep = k.shape[2], h // hkv
+    m = rows_per_group * n_rep * t
+    do = grad_out.contiguous()  # same layout as out (contiguous)
+    delta = (do.float() * out.float()).sum(-1)  # [R, H, T] fp32
+    common = dict(PRECISION=_precision(q.dtype), BLOCK_D=_block_d(d))
+    dq = dk = dv = dpk = dpv = None
+    if needs[0]:
+        dq = _alloc((r, h, t, d), q.dtype, q.device)
+
+        def grid_q(meta):
+            return (g, hkv, _cdiv(m, meta["BLOCK_M"]))
+
+        kern._shared_prefix_attention_bwd_dq_kernel[grid_q](
+            q, k, v, valid, prefix_k, prefix_v, prefix_ok, do, lse, delta, dq, scale,
+            rows_per_group, n_rep, t, s, length, d, m,
+            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(prefix_k),
+            *_strides3(prefix_v), *_strides3(do), **common)
+    for keys, values, ok, rows, width, wanted, suffix in (
+            (k, v, valid, rows_per_group, s, needs[1] or needs[2], True),
+            (prefix_k, prefix_v, prefix_ok, 1, length, needs[3] or needs[4], False)):
+        if not wanted:
+            continue
+        gk = _alloc(tuple(keys.shape), keys.dtype, keys.device)
+        gv = _alloc(tuple(values.shape), values.dtype, values.device)
+
+        def grid_k(meta, n_keys=rows * width):
+            return (g, hkv, _cdiv(n_keys, meta["BLOCK_N"]))
+
+        kern._shared_prefix_attention_bwd_dkdv_kernel[grid_k](
+            q, keys, values, ok, do, lse, delta, gk, gv, scale,
+            rows_per_group, n_rep, t, s, width, rows, d, m,
+            *_strides3(q), *_strides3(keys), *_strides3(values), *_strides3(do),
+            SUFFIX=suffix, **common)
+        if suffix:
+            dk, dv = gk, gv
+        else:
+            dpk, dpv = gk, gv
+    return dq, dk, dv, dpk, dpv
+
+
+class _SharedPrefixAttentionFn(torch.autograd.Function):
+    """Triton path (forward and backward)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, suffix_valid, prefix_k, prefix_v, prefix_mask,
+                rows_per_group: int, scale: float):
+        q, k, v, prefix_k, prefix_v = map(_unit_inner, (q, k, v, prefix_k, prefix_v))
+        valid = (suffix_valid != 0).to(torch.int8).contiguous()
+        prefix_ok = (prefix_mask != 0).to(torch.int8).contiguous()
+        if q.shape[0] == 0 or q.shape[-1] == 0:
+            out = shared_prefix_attention_torch(q, k, v, suffix_valid, prefix_k, prefix_v,
+                                                prefix_mask, rows_per_group, scale=scale)
+            lse = torch.full(q.shape[:3], float("-inf"), device=q.device)
+        else:
+            out, lse = _shared_prefix_attention_fwd(q, k, v, valid, prefix_k, prefix_v,
+                                                    prefix_ok, rows_per_group, scale)
+        ctx.save_for_backward(q, k, v, valid, prefix_k, prefix_v, prefix_ok, out, lse)
+        ctx.rows_per_group = rows_per_group
+        ctx.scale = scale
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, valid, prefix_k, prefix_v, prefix_ok, out, lse = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[i] for i in (0, 1, 2, 4, 5))
+        if q.numel() == 0:
+            grads = [torch.zeros_like(x) if need else None
+                     for x, need in zip((q, k, v, prefix_k, prefix_v), needs, strict=True)]
+        else:
+            grads = _shared_prefix_attention_bwd(
+                grad_out, q, k, v, valid, prefix_k, prefix_v, prefix_ok, out, lse,
+                ctx.rows_per_group, ctx.scale, needs)
+        dq, dk, dv, dpk, dpv = grads
+        return (dq, dk if needs[1] else None, dv if needs[2] else None, None,
+                dpk if needs[3] else None, dpv if needs[4] else None, None, None, None)
+
+
 def shared_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             suffix_valid: torch.Tensor, prefix_k: torch.Tensor,
                             prefix_v: torch.Tensor, prefix_mask: torch.Tensor,
@@ -139,6 +294,10 @@ def shared_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     prefix_v.
     """
     _check_inputs(q, k, v, suffix_valid, prefix_k, prefix_v, prefix_mask, rows_per_group)
-    resolve_backend(q.device, backend, available=("torch",))  # validates; torch only so far
+    use_triton = (resolve_backend(q.device, backend, available=("torch", "triton")) == "triton"
+                  and q.dtype in _TRITON_DTYPES)
+    if use_triton:
+        return _SharedPrefixAttentionFn.apply(q, k, v, suffix_valid, prefix_k, prefix_v,
+                                              prefix_mask, rows_per_group, float(scale))
     return shared_prefix_attention_torch(q, k, v, suffix_valid, prefix_k, prefix_v,
                                          prefix_mask, rows_per_group, scale=scale)

@@ -1,0 +1,299 @@
+"""Triton kernels of shared-prefix (cascade) attention (device code only).
+
+Launchers, the autograd wrapper and the PyTorch path live in
+``fastlatent/ops/shared_prefix_attention.py``. Shapes: q [R, H, T, D], suffix k/v
+[R, Hkv, S, D], prompt k/v [G, Hkv, L, D], R = G * P (P = rows_per_group), H = Hkv * NREP.
+
+Query stacking. For group g and kv head h, the M = P * NREP * T queries that use that kv
+head are one flattened axis, m = (p * NREP + j) * T + t (row g * P + p, query head
+h * NREP + j, token t). A program takes BLOCK_M consecutive m of one (g, h), so the
+prompt's K/V tiles are read once per query block of the group (not once per row).
+
+Keys. Both key sets are walked as a flattened (key row, slot) axis n = kp * NK + ks:
+the prompt with one key row per group (NK = L), the suffix with the P rows of the group
+(NK = S; a query block only walks the key rows of the query rows it holds). Query m may
+see key n when the slot is real (prefix_mask / suffix_valid) and, for the suffix, when
+kp = p and ks <= S - T + t.
+
+    fwd:  one online softmax over prompt tiles, then suffix tiles (so no LSE merge);
+          out = sum_n exp(s_mn - lse_m) v_n, lse_m = log sum_n exp(s_mn), s = scale q.k
+          a query with no visible key gets out = 0, lse = -inf.
+    bwd:  p = exp(s - lse), dp = do . v, ds = p (dp - delta), delta_m = do_m . out_m
+          dq = scale sum_n ds k_n;  dk_n = scale sum_m ds q_m;  dv_n = sum_m p do_m
+          dq: grid (G, Hkv, query blocks); dk/dv: grid (G, Hkv, key blocks), one launch
+          for the prompt keys (over every query of the group) and one for the suffix keys
+          (over the query rows of the block's key rows). Every output element is owned by
+          one program: no atomics, deterministic.
+
+Dtype policy: every load is converted to fp32 right after ``tl.load`` (the interpreter's
+bf16 arithmetic is wrong); scores, softmax statistics, accumulators and gradients are fp32;
+stores cast to the output buffer's dtype. ``tl.dot`` precision is a constexpr from the
+launcher ("tf32" for bf16 inputs, "tf32x3" otherwise; exact under the interpreter).
+Loop bounds are runtime values (``range`` over ``tl.cdiv``): needs Triton >= 3.7 or
+numpy < 2.4 under the interpreter (see kernels/fused_logprob.py).
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+# Tile sizes live here only (BLOCK_D is D rounded up to a power of two >= 16, set by the
+# launcher). One config under the interpreter: autotune with several needs a GPU driver.
+if os.environ.get("TRITON_INTERPRET") == "1":
+    FWD_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})]
+    BWD_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})]
+else:
+    # Not yet measured on a GPU: the usual FlashAttention-2 shapes for D <= 128.
+    FWD_CONFIGS = [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    ]
+    BWD_CONFIGS = [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+    ]
+
+
+@triton.jit
+def _query_coords(o_m, i_g, i_h, P, NREP, T):
+    """Flattened query index -> (row within group, row, query head, token)."""
+    q_p = o_m // (NREP * T)
+    q_j = (o_m // T) % NREP
+    q_t = o_m % T
+    return q_p, i_g * P + q_p, i_h * NREP + q_j, q_t
+
+
+@triton.jit
+def _load_queries(x, q_row, q_head, q_t, stride_0, stride_1, stride_2, o_d, m_md):
+    """[BM, BD] fp32 tile of a [R, H, T, D] tensor with unit inner stride."""
+    p_x = x + q_row[:, None] * stride_0 + q_head[:, None] * stride_1 + q_t[:, None] * stride_2
+    return tl.load(p_x + o_d[None, :], mask=m_md, other=0.).to(tl.float32)
+
+
+@triton.jit
+def _load_keys(k, v, ok, row0, o_n, n_hi, NK, stride_k0, stride_k2, stride_v0, stride_v2,
+               o_d, m_d):
+    """Keys o_n of the flattened (key row, slot) axis, key rows from row0; k, v already
+    offset to the kv head. Returns k, v [BN, BD] fp32, real-slot mask [BN], kp, ks."""
+    m_n = o_n < n_hi
+    kp = o_n // NK
+    ks = o_n % NK
+    row = row0 + kp
+    b_ok = (tl.load(ok + row * NK + ks, mask=m_n, other=0) != 0) & m_n
+    m_nd = m_n[:, None] & m_d[None, :]
+    b_k = tl.load(k + row[:, None] * stride_k0 + ks[:, None] * stride_k2 + o_d[None, :],
+                  mask=m_nd, other=0.).to(tl.float32)
+    b_v = tl.load(v + row[:, None] * stride_v0 + ks[:, None] * stride_v2 + o_d[None, :],
+                  mask=m_nd, other=0.).to(tl.float32)
+    return b_k, b_v, b_ok, kp, ks
+
+
+@triton.jit
+def _online_step(b_q, b_k, b_v, b_allow, b_m, b_l, b_acc, scale, PRECISION: tl.constexpr):
+    """One key tile of the online softmax; -inf-safe for rows with no key so far."""
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale  # [BM, BN]
+    b_s = tl.where(b_allow, b_s, float("-inf"))
+    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+    b_ref = tl.where(b_mn == float("-inf"), 0., b_mn)
+    b_alpha = tl.exp(b_m - b_ref)
+    b_p = tl.exp(b_s - b_ref[:, None])
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    b_acc = tl.dot(b_p, b_v, b_acc * b_alpha[:, None], input_precision=PRECISION)
+    return b_mn, b_l, b_acc
+
+
+@triton.jit
+def _suffix_allow(b_ok, kp, ks, q_p, q_t, S, T):
+    """[BM, BN]: real suffix slot of the query's own row, at or before its position."""
+    return (b_ok[None, :] & (kp[None, :] == q_p[:, None])
+            & (ks[None, :] <= (S - T + q_t)[:, None]))
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=["M", "D"])
+@triton.jit
+def _shared_prefix_attention_fwd_kernel(
+        q, k, v, sv, pk, pv, pm, o, lse, scale, P, NREP, T, S, L, D, M,
+        stride_q0, stride_q1, stride_q2, stride_k0, stride_k1, stride_k2,
+        stride_v0, stride_v1, stride_v2, stride_pk0, stride_pk1, stride_pk2,
+        stride_pv0, stride_pv1, stride_pv2, stride_o0, stride_o1, stride_o2,
+        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr):
+    """Grid (G, Hkv, query blocks). Writes out [R, H, T, D] and lse [R, H, T] (fp32,
+    contiguous) for the block's queries."""
+    i_g = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    i_m = tl.program_id(2).to(tl.int64)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < M
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    m_md = m_m[:, None] & m_d[None, :]
+    q_p, q_row, q_head, q_t = _query_coords(o_m, i_g, i_h, P, NREP, T)
+    b_q = _load_queries(q, q_row, q_head, q_t, stride_q0, stride_q1, stride_q2, o_d, m_md)
+
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # prompt: one key row (the group's), every query of the block sees every real slot
+    for i_n in range(0, tl.cdiv(L, BLOCK_N)):
+        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        b_k, b_v, b_ok, kp, ks = _load_keys(pk + i_h * stride_pk1, pv + i_h * stride_pv1, pm,
+                                            i_g, o_n, L, L, stride_pk0, stride_pk2,
+                                            stride_pv0, stride_pv2, o_d, m_d)
+        b_allow = b_ok[None, :] & m_m[:, None]
+        b_m, b_l, b_acc = _online_step(b_q, b_k, b_v, b_allow, b_m, b_l, b_acc, scale,
+                                       PRECISION)
+    # suffix: the key rows of the block's query rows, flattened (row, slot)
+    p_lo = (i_m * BLOCK_M) // (NREP * T)
+    p_hi = tl.minimum((i_m * BLOCK_M + BLOCK_M - 1) // (NREP * T), P - 1) + 1
+    n_lo = p_lo * S
+    n_hi = p_hi * S
+    for i_n in range(0, tl.cdiv(n_hi - n_lo, BLOCK_N)):
+        o_n = n_lo + i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        b_k, b_v, b_ok, kp, ks = _load_keys(k + i_h * stride_k1, v + i_h * stride_v1, sv,
+                                            i_g * P, o_n, n_hi, S, stride_k0, stride_k2,
+                                            stride_v0, stride_v2, o_d, m_d)
+        b_allow = _suffix_allow(b_ok, kp, ks, q_p, q_t, S, T) & m_m[:, None]
+        b_m, b_l, b_acc = _online_step(b_q, b_k, b_v, b_allow, b_m, b_l, b_acc, scale,
+                                       PRECISION)
+
+    b_seen = b_l > 0
+    b_out = b_acc / tl.where(b_seen, b_l, 1.)[:, None]
+    b_lse = tl.where(b_seen, b_m + tl.log(tl.where(b_seen, b_l, 1.)), float("-inf"))
+    p_o = o + q_row[:, None] * stride_o0 + q_head[:, None] * stride_o1 + q_t[:, None] * stride_o2
+    tl.store(p_o + o_d[None, :], b_out, mask=m_md)
+    tl.store(lse + (q_row * (NREP * tl.num_programs(1)) + q_head) * T + q_t, b_lse, mask=m_m)
+
+
+@triton.jit
+def _probs_and_dscores(b_q, b_do, b_lse, b_delta, b_k, b_v, b_allow, scale,
+                       PRECISION: tl.constexpr):
+    """p [BM, BN] and ds = p (do.v - delta) [BM, BN], fp32, 0 where not allowed."""
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale
+    b_p = tl.where(b_allow, tl.exp(b_s - b_lse[:, None]), 0.)
+    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
+    return b_p, b_p * (b_dp - b_delta[:, None])
+
+
+@triton.jit
+def _load_query_stats(lse, delta, q_row, q_head, q_t, H, T, m_m):
+    """lse (-inf -> 0: such queries see no key, p = 0 by the mask) and delta [BM]."""
+    o_s = (q_row * H + q_head) * T + q_t
+    b_lse = tl.load(lse + o_s, mask=m_m, other=0.)
+    b_lse = tl.where(b_lse == float("-inf"), 0., b_lse)
+    b_delta = tl.load(delta + o_s, mask=m_m, other=0.)
+    return b_lse, b_delta
+
+
+@triton.autotune(configs=BWD_CONFIGS, key=["M", "D"])
+@triton.jit
+def _shared_prefix_attention_bwd_dq_kernel(
+        q, k, v, sv, pk, pv, pm, do, lse, delta, dq, scale, P, NREP, T, S, L, D, M,
+        stride_q0, stride_q1, stride_q2, stride_k0, stride_k1, stride_k2,
+        stride_v0, stride_v1, stride_v2, stride_pk0, stride_pk1, stride_pk2,
+        stride_pv0, stride_pv1, stride_pv2, stride_o0, stride_o1, stride_o2,
+        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr):
+    """Grid (G, Hkv, query blocks). dq [R, H, T, D] (strides of do) for the block."""
+    i_g = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    i_m = tl.program_id(2).to(tl.int64)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < M
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    m_md = m_m[:, None] & m_d[None, :]
+    q_p, q_row, q_head, q_t = _query_coords(o_m, i_g, i_h, P, NREP, T)
+    b_q = _load_queries(q, q_row, q_head, q_t, stride_q0, stride_q1, stride_q2, o_d, m_md)
+    b_do = _load_queries(do, q_row, q_head, q_t, stride_o0, stride_o1, stride_o2, o_d, m_md)
+    b_lse, b_delta = _load_query_stats(lse, delta, q_row, q_head, q_t,
+                                       NREP * tl.num_programs(1), T, m_m)
+
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for i_n in range(0, tl.cdiv(L, BLOCK_N)):
+        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        b_k, b_v, b_ok, kp, ks = _load_keys(pk + i_h * stride_pk1, pv + i_h * stride_pv1, pm,
+                                            i_g, o_n, L, L, stride_pk0, stride_pk2,
+                                            stride_pv0, stride_pv2, o_d, m_d)
+        b_allow = b_ok[None, :] & m_m[:, None]
+        b_p, b_ds = _probs_and_dscores(b_q, b_do, b_lse, b_delta, b_k, b_v, b_allow, scale,
+                                       PRECISION)
+        b_dq = tl.dot(b_ds, b_k, b_dq, input_precision=PRECISION)
+    p_lo = (i_m * BLOCK_M) // (NREP * T)
+    p_hi = tl.minimum((i_m * BLOCK_M + BLOCK_M - 1) // (NREP * T), P - 1) + 1
+    n_lo = p_lo * S
+    n_hi = p_hi * S
+    for i_n in range(0, tl.cdiv(n_hi - n_lo, BLOCK_N)):
+        o_n = n_lo + i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        b_k, b_v, b_ok, kp, ks = _load_keys(k + i_h * stride_k1, v + i_h * stride_v1, sv,
+                                            i_g * P, o_n, n_hi, S, stride_k0, stride_k2,
+                                            stride_v0, stride_v2, o_d, m_d)
+        b_allow = _suffix_allow(b_ok, kp, ks, q_p, q_t, S, T) & m_m[:, None]
+        b_p, b_ds = _probs_and_dscores(b_q, b_do, b_lse, b_delta, b_k, b_v, b_allow, scale,
+                                       PRECISION)
+        b_dq = tl.dot(b_ds, b_k, b_dq, input_precision=PRECISION)
+
+    p_dq = dq + q_row[:, None] * stride_o0 + q_head[:, None] * stride_o1 + q_t[:, None] * stride_o2
+    tl.store(p_dq + o_d[None, :], b_dq * scale, mask=m_md)
+
+
+@triton.autotune(configs=BWD_CONFIGS, key=["M", "D", "SUFFIX"])
+@triton.jit
+def _shared_prefix_attention_bwd_dkdv_kernel(
+        q, k, v, ok, do, lse, delta, dk, dv, scale, P, NREP, T, S, NK, KP, D, M,
+        stride_q0, stride_q1, stride_q2, stride_k0, stride_k1, stride_k2,
+        stride_v0, stride_v1, stride_v2, stride_o0, stride_o1, stride_o2,
+        SUFFIX: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid (G, Hkv, key blocks over KP * NK keys of the group). Prompt keys (SUFFIX
+    False: KP = 1, NK = L) take every query of the group; suffix keys (KP = P, NK = S)
+    the queries of their own rows. dk, dv: contiguous [G * KP, Hkv, NK, D]."""
+    i_g = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    i_n = tl.program_id(2).to(tl.int64)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_hi = KP * NK
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    b_k, b_v, b_ok, kp, ks = _load_keys(k + i_h * stride_k1, v + i_h * stride_v1, ok,
+                                        i_g * KP, o_n, n_hi, NK, stride_k0, stride_k2,
+                                        stride_v0, stride_v2, o_d, m_d)
+    H = NREP * tl.num_programs(1)
+    if SUFFIX:
+        kp_lo = (i_n * BLOCK_N) // NK
+        kp_hi = tl.minimum((i_n * BLOCK_N + BLOCK_N - 1) // NK, P - 1) + 1
+        m_lo = kp_lo * NREP * T
+        m_hi = kp_hi * NREP * T
+    else:
+        m_lo = i_n * 0
+        m_hi = M + i_n * 0
+
+    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for i_m in range(0, tl.cdiv(m_hi - m_lo, BLOCK_M)):
+        o_m = m_lo + i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_m = o_m < m_hi
+        m_md = m_m[:, None] & m_d[None, :]
+        q_p, q_row, q_head, q_t = _query_coords(o_m, i_g, i_h, P, NREP, T)
+        b_q = _load_queries(q, q_row, q_head, q_t, stride_q0, stride_q1, stride_q2, o_d, m_md)
+        b_do = _load_queries(do, q_row, q_head, q_t, stride_o0, stride_o1, stride_o2, o_d,
+                             m_md)
+        b_lse, b_delta = _load_query_stats(lse, delta, q_row, q_head, q_t, H, T, m_m)
+        if SUFFIX:
+            b_allow = _suffix_allow(b_ok, kp, ks, q_p, q_t, S, T) & m_m[:, None]
+        else:
+            b_allow = b_ok[None, :] & m_m[:, None]
+        b_p, b_ds = _probs_and_dscores(b_q, b_do, b_lse, b_delta, b_k, b_v, b_allow, scale,
+                                       PRECISION)
+        b_dv = tl.dot(tl.trans(b_p), b_do, b_dv, input_precision=PRECISION)
+        b_dk = tl.dot(tl.trans(b_ds), b_q, b_dk, input_precision=PRECISION)
+
+    m_nd = (o_n < n_hi)[:, None] & m_d[None, :]
+    o_kv = (((i_g * KP + kp) * tl.num_programs(1) + i_h) * NK + ks)[:, None] * D + o_d[None, :]
+    tl.store(dk + o_kv, b_dk * scale, mask=m_nd)
+    tl.store(dv + o_kv, b_dv, mask=m_nd)
