@@ -1,5 +1,6 @@
 """Suffix attention over a shared prompt: naive = SDPA over the prompt cache expanded per
-row (what a generic engine does), torch = the cascade op (prompt K/V read once per group)."""
+row (what a generic engine does), torch / triton = the cascade op (prompt K/V read once
+per group)."""
 
 from __future__ import annotations
 
@@ -42,12 +43,14 @@ def sdpa_expanded(q, k, v, valid, pk, pv, pmask, rows_per_group, *, scale):
         q, keys, values, attn_mask=allowed[:, None], scale=scale)
 
 
-@pytest.mark.parametrize("provider", ["naive", "torch"])
+@pytest.mark.parametrize("provider", ["naive", "torch", "triton"])
 @pytest.mark.parametrize("layer", LAYERS, ids=[n for n, *_ in LAYERS])
 @pytest.mark.parametrize("step", [CPU_STEP, PAPER_STEP], ids=["cpu", "paper"])
 def test_shared_prefix_attention(benchmark, provider, layer, step):
     if step is PAPER_STEP and not torch.cuda.is_available():
         pytest.skip("paper-sized batch only on a GPU")
+    if provider == "triton" and not torch.cuda.is_available():
+        pytest.skip("the Triton kernel is timed on a GPU only (the interpreter is not a speed)")
     name, heads, kv_heads, dim = layer
     args = make(step, heads, kv_heads, dim, device())
     scale = dim ** -0.5
@@ -56,7 +59,7 @@ def test_shared_prefix_attention(benchmark, provider, layer, step):
             return sdpa_expanded(*args, scale=scale)
     else:
         def fn():
-            return shared_prefix_attention(*args, scale=scale, backend="torch")
+            return shared_prefix_attention(*args, scale=scale, backend=provider)
     benchmark.group = f"shared_prefix_attention/{name}-{step.name}"
     benchmark.extra_info.update(prompts=step.prompts, k=step.k, prompt_len=step.prompt_len)
     benchmark(timed(fn))

@@ -155,9 +155,11 @@ def _latent_attention_fwd_kernel(q, k, h, mask, pos, qcol, z, w, lse, s, L, D, H
 @triton.autotune(configs=EXPAND_CONFIGS, key=["D"])
 @triton.jit
 def _latent_attention_expand_kernel(rv, bias, noise, out, K, D, stride_nb, stride_nk, sigma,
-                                    HAS_NOISE: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Grid (B, K). out[b, k] = rv[b] + bias + sigma * noise[b, k] (fp32 [B, K, D]); without
-    noise K = 1 and out[b] = rv[b] + bias."""
+                                    seed, HAS_NOISE: tl.constexpr, HAS_SEED: tl.constexpr,
+                                    BLOCK_D: tl.constexpr):
+    """Grid (B, K). out[b, k] = rv[b] + bias + sigma * eps[b, k] (fp32 [B, K, D]), eps from
+    ``noise`` (HAS_NOISE) or drawn here from Philox(seed, offset (b*K + k)*D + j) with
+    eps[b, 0] = 0 (HAS_SEED); with neither, K = 1 and out[b] = rv[b] + bias."""
     i_b = tl.program_id(0).to(tl.int64)
     i_k = tl.program_id(1).to(tl.int64)
     sigma = tl.cast(sigma, tl.float32)
@@ -170,6 +172,10 @@ def _latent_attention_expand_kernel(rv, bias, noise, out, K, D, stride_nb, strid
             b_e = tl.load(noise + i_b * stride_nb + i_k * stride_nk + o_d, mask=m_d,
                           other=0.).to(tl.float32)
             b_r += sigma * b_e
+        if HAS_SEED:
+            o_rand = ((i_b * K + i_k) * D + o_d).to(tl.int32)
+            b_e = tl.randn(seed, o_rand)
+            b_r += tl.where(i_k > 0, sigma * b_e, 0.)
         tl.store(out + (i_b * K + i_k) * D + o_d, b_r, mask=m_d)
 
 

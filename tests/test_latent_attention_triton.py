@@ -335,3 +335,48 @@ def test_release_shape_bf16():
         assert bool(torch.isfinite(t).all()), name
         out_dtype = dtype if name == "hidden" else torch.float32
         assert_within_twice_torch(t, o, r, out_dtype, f"grad_{name}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_seeded_noise_has_unit_variance_and_keeps_r0(backend):
+    """The seed path draws eps in the kernel (Philox) or from torch.Generator: r^0 is exact,
+    the other rows' (out - r) / sigma is N(0, 1) (3000 draws per row), deterministic per
+    seed, different across seeds; gradients reach the weights through every row."""
+    hidden, mask, tensors = make_inputs(3, 5, 58, "left", torch.float32)
+    weights = LatentAttentionWeights(*tensors)
+    r = latent_attention(hidden, mask, weights, backend="torch")
+    k, sigma = 18, 1.5
+    out = latent_attention(hidden, mask, weights, seed=7, num_samples=k, sigma=sigma,
+                           backend=backend)
+    assert out.shape == (3, k, 58)
+    torch.testing.assert_close(out[:, 0], r, **TOL[torch.float32])
+    eps = ((out[:, 1:] - r[:, None]) / sigma).flatten().double()
+    assert eps.numel() == 3 * 17 * 58
+    assert abs(eps.mean().item()) < 4 / eps.numel() ** 0.5  # 4 standard errors
+    assert abs(eps.var().item() - 1.0) < 0.1
+    again = latent_attention(hidden, mask, weights, seed=7, num_samples=k, sigma=sigma,
+                             backend=backend)
+    other = latent_attention(hidden, mask, weights, seed=8, num_samples=k, sigma=sigma,
+                             backend=backend)
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+    assert not torch.allclose(other[:, 1:], out[:, 1:])
+    leaf = leaves(hidden, tensors)
+    seeded = latent_attention(leaf[0], mask, LatentAttentionWeights(*leaf[1:]), seed=7,
+                              num_samples=k, sigma=sigma, backend=backend)
+    grads = torch.autograd.grad(seeded.sum(), leaf)
+    ref_leaf = leaves(hidden, tensors)
+    ref = latent_attention(ref_leaf[0], mask, LatentAttentionWeights(*ref_leaf[1:]),
+                           backend="torch")
+    ref_grads = torch.autograd.grad(ref.sum() * k, ref_leaf)  # eps carries no gradient
+    for g, rg in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-4)
+
+
+def test_seed_needs_num_samples_and_no_noise_tensor():
+    hidden, mask, tensors = make_inputs(2, 5, 8, "left", torch.float32)
+    weights = LatentAttentionWeights(*tensors)
+    with pytest.raises(ValueError, match="num_samples"):
+        latent_attention(hidden, mask, weights, seed=1, num_samples=0)
+    with pytest.raises(ValueError, match="noise"):
+        latent_attention(hidden, mask, weights, seed=1, num_samples=2,
+                         noise=torch.zeros(2, 2, 8))

@@ -144,19 +144,21 @@ def _latent_attention_fwd(hidden: torch.Tensor, mask: torch.Tensor, pos: torch.T
 
 
 def _latent_attention_expand(rv: torch.Tensor, v_bias: torch.Tensor,
-                             noise: torch.Tensor | None, sigma: float) -> torch.Tensor:
-    """out [B, K, d] = rv[:, None] + b_v + sigma * noise (K = 1 without noise), fp32."""
+                             noise: torch.Tensor | None, sigma: float,
+                             seed: int | None = None, num_samples: int = 1) -> torch.Tensor:
+    """out [B, K, d] = rv[:, None] + b_v + sigma * eps, fp32: eps = ``noise``, or drawn
+    in-kernel from Philox(seed) with eps[:, 0] = 0 (K = num_samples), or none (K = 1)."""
     from fastlatent.kernels import latent_attention as kern
 
     b, d = rv.shape
-    n_k = 1 if noise is None else noise.shape[1]
+    n_k = noise.shape[1] if noise is not None else (num_samples if seed is not None else 1)
     out = _alloc((b, n_k, d), rv.device)
     if n_k == 0:
         return out
     strides = (0, 0) if noise is None else (noise.stride(0), noise.stride(1))
     kern._latent_attention_expand_kernel[(b, n_k)](
         rv, v_bias, rv if noise is None else noise, out, n_k, d, *strides, sigma,
-        HAS_NOISE=noise is not None)
+        0 if seed is None else seed, HAS_NOISE=noise is not None, HAS_SEED=seed is not None)
     return out
 
 
@@ -184,8 +186,8 @@ class _LatentAttentionFn(torch.autograd.Function):
     """Triton path, one head. Output [B, K, d] with noise, else [B, d] (fp32)."""
 
     @staticmethod
-    def forward(ctx, hidden, mask, noise, sigma: float, rope_base: float,
-                q_weight, q_bias, k_weight, k_bias, v_weight, v_bias):
+    def forward(ctx, hidden, mask, noise, sigma: float, rope_base: float, seed: int | None,
+                num_samples: int, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias):
         hidden = _unit_inner(hidden)
         b, length, d = hidden.shape
         real = mask != 0
@@ -201,16 +203,18 @@ class _LatentAttentionFn(torch.autograd.Function):
         w, s = _latent_attention_fwd(hidden, mask_i, pos, qcol_i, q, k, rope_base)
         rv = (s @ v_weight.float().T).contiguous()
         out = _latent_attention_expand(rv, _unit_inner(v_bias),
-                                       None if noise is None else _unit_inner(noise), sigma)
+                                       None if noise is None else _unit_inner(noise), sigma,
+                                       seed, num_samples)
         ctx.save_for_backward(hidden, mask_i, pos, qcol_i, q, k, w, s,
                               q_weight, k_weight, v_weight)
         ctx.has_noise = noise is not None
+        ctx.expanded = noise is not None or seed is not None
         ctx.sigma = sigma
         ctx.rope_base = rope_base
         ctx.noise_dtype = None if noise is None else noise.dtype
         ctx.weight_dtypes = tuple(t.dtype for t in (q_weight, q_bias, k_weight, k_bias,
                                                     v_weight, v_bias))
-        return out if noise is not None else out.view(b, d)
+        return out if ctx.expanded else out.view(b, d)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -218,7 +222,7 @@ class _LatentAttentionFn(torch.autograd.Function):
          q_weight, k_weight, v_weight) = ctx.saved_tensors
         need = ctx.needs_input_grad
         g = grad_out.float()
-        g_r = g.sum(1) if ctx.has_noise else g  # [B, d]
+        g_r = g.sum(1) if ctx.expanded else g  # [B, d]
         grad_noise = (ctx.sigma * g).to(ctx.noise_dtype) if ctx.has_noise and need[2] else None
         g_s = (g_r @ v_weight.float()).contiguous()
         dq, dk, dh = _latent_attention_bwd(g_s, hidden, mask_i, pos, qcol, q, k, w,
@@ -228,20 +232,20 @@ class _LatentAttentionFn(torch.autograd.Function):
         # padding rows never reach the result; zero them so their content cannot leak
         x = hidden.float().masked_fill(mask_i[..., None] == 0, 0.)
         x_last = x[rows, qcol.long()]
-        grads = [None] * 11
+        grads = [None] * 13
         if need[0]:
             grad_h = dh + dk @ k_weight.float()
             grad_h[rows, qcol.long()] += dq @ q_weight.float()
             grads[0] = grad_h.to(hidden.dtype)
         grads[2] = grad_noise
         flat_dk = dk.reshape(b * length, d)
-        for i, fn in ((5, lambda: dq.T @ x_last), (6, lambda: dq.sum(0)),
-                      (7, lambda: flat_dk.T @ x.reshape(b * length, d)),
-                      (8, lambda: flat_dk.sum(0)), (9, lambda: g_r.T @ s),
-                      (10, lambda: g_r.sum(0))):
+        for i, fn in ((7, lambda: dq.T @ x_last), (8, lambda: dq.sum(0)),
+                      (9, lambda: flat_dk.T @ x.reshape(b * length, d)),
+                      (10, lambda: flat_dk.sum(0)), (11, lambda: g_r.T @ s),
+                      (12, lambda: g_r.sum(0))):
             if need[i]:
                 grads[i] = fn()
-        for i, dtype in enumerate(ctx.weight_dtypes, start=5):
+        for i, dtype in enumerate(ctx.weight_dtypes, start=7):
             if grads[i] is not None:
                 grads[i] = grads[i].to(dtype)
         return tuple(grads)
@@ -250,14 +254,20 @@ class _LatentAttentionFn(torch.autograd.Function):
 def latent_attention(hidden: torch.Tensor, mask: torch.Tensor,
                      weights: LatentAttentionWeights, *, num_heads: int = 1,
                      rope_base: float = 1000.0, noise: torch.Tensor | None = None,
-                     sigma: float = 0.0, backend: str | None = None) -> torch.Tensor:
+                     sigma: float = 0.0, seed: int | None = None, num_samples: int = 0,
+                     backend: str | None = None) -> torch.Tensor:
     """LatentRATT's thought vector, optionally expanded K ways.
 
     Args: hidden [B, L, d] final-norm prompt states (thought column excluded), mask [B, L],
-    weights (fp32), noise [B, K, d] (row 0 should be zero so r^0 = r) or None.
-    Returns r [B, d] (noise None) or r + sigma * noise [B, K, d], float32.
+    weights (fp32), noise [B, K, d] (row 0 should be zero so r^0 = r) or None; or, instead
+    of noise, ``seed`` + ``num_samples`` (K): eps drawn from Philox(seed) inside the
+    Triton kernel (from torch.Generator(seed) on the torch path), eps[:, 0] = 0.
+    Returns r [B, d] (no noise) or r + sigma * eps [B, K, d], float32.
     """
     _check_inputs(hidden, mask, weights, num_heads, noise)
+    if seed is not None and (noise is not None or num_samples < 1):
+        raise ValueError(f"expected seed with num_samples >= 1 and no noise tensor, got "
+                         f"num_samples={num_samples}, noise given: {noise is not None}")
     use_triton = (resolve_backend(hidden.device, backend, available=("torch", "triton"))
                   == "triton" and num_heads == 1 and hidden.shape[0] > 0
                   and hidden.dtype in _TRITON_DTYPES
@@ -265,8 +275,13 @@ def latent_attention(hidden: torch.Tensor, mask: torch.Tensor,
                   and (noise is None or noise.dtype in _TRITON_DTYPES))
     if use_triton:
         return _LatentAttentionFn.apply(hidden, mask, noise, float(sigma), float(rope_base),
-                                        *_weight_tensors(weights))
+                                        seed, num_samples, *_weight_tensors(weights))
     r = latent_attention_torch(hidden, mask, weights, num_heads=num_heads, rope_base=rope_base)
+    if seed is not None:
+        generator = torch.Generator(device=r.device).manual_seed(seed)
+        noise = torch.randn(r.shape[0], num_samples, r.shape[1], generator=generator,
+                            device=r.device)
+        noise[:, 0] = 0
     if noise is None:
         return r
     return r[:, None] + sigma * noise.to(r)
