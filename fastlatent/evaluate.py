@@ -3,12 +3,9 @@ HR@{5,10} / NDCG@{5,10} with bootstrap intervals, popular / unpopular split."""
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -102,13 +99,3 @@ def evaluate(reasoner: LatentReasoner, examples: Sequence[Example], builder: Pro
     flags = None if popular is None else [item_key(ex) in popular for ex in examples]
     return EvalResult(summarize(ranks, flags, seed=seed), predictions)
 
-
-def write_predictions(path: str | os.PathLike, predictions: Sequence[dict]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in predictions:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path

@@ -14,12 +14,12 @@ from fastlatent.data.example import Dataset, Example
 from fastlatent.data.prompt import TEMPLATES, PromptBuilder
 from fastlatent.data.sampling import seeded_sample
 from fastlatent.data.sources import holdout_slice, item_frequencies, load_dataset
-from fastlatent.evaluate import build_title_trie, evaluate, write_predictions
+from fastlatent.evaluate import build_title_trie, evaluate
 from fastlatent.metrics import popular_items
 from fastlatent.model.loading import load_llm
 from fastlatent.model.reasoner import LatentReasoner, ReasonerConfig
 from fastlatent.rl import run_rl
-from fastlatent.runlog import StepLog
+from fastlatent.runlog import StepLog, write_jsonl_atomic
 from fastlatent.sft import run_sft
 
 
@@ -85,7 +85,7 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog
                           seed=seed, desc=f"eval after {name}")
         metrics[name] = result.metrics
         predictions.extend({"stage": name, **row} for row in result.predictions)
-        write_predictions(out / "predictions.jsonl", predictions)
+        write_jsonl_atomic(out / "predictions.jsonl", predictions)
         log.write(name, "eval", **{k: v for k, v in result.metrics.items()})
 
     if stage in ("sft", "all"):

@@ -13,8 +13,8 @@ import torch
 
 from fastlatent.data.batch import positions_from_mask
 from fastlatent.engine.decoder import Decoder, UnsupportedModelError
-from fastlatent.engine.grpo import mean_token_logprob
-from fastlatent.engine.scoring import score_targets
+from fastlatent.engine.grpo import perplexity_reward
+from fastlatent.engine.scoring import score_targets, target_logprobs_from_logits
 
 
 def _check_ids(ids: torch.Tensor, mask: torch.Tensor, name: str) -> None:
@@ -93,7 +93,7 @@ def ppl_reward(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: to
             prefix = decoder.prefix(ids, mask)
         logp = score_targets(decoder, prefix, rows, tgt_ids, tgt_mask, k, backend=backend)
     logp = logp.view(b, k, -1)
-    rewards = -torch.exp(-mean_token_logprob(logp, target_mask[:, None, :].to(logp.dtype)))
+    rewards = perplexity_reward(logp, target_mask[:, None, :])
     return (rewards, logp) if return_logprobs else rewards
 
 
@@ -118,6 +118,5 @@ def _generic_logprobs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Ten
                          f"({err})") from err
     start = ids.shape[1] + latents.shape[1] - 1
     t = target_ids.shape[1]
-    logp = torch.log_softmax(logits[:, start:start + t].float(), dim=-1)
-    logp = logp.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
+    logp = target_logprobs_from_logits(logits[:, start:start + t], target_ids)
     return logp * target_mask.to(logp.dtype)

@@ -77,7 +77,7 @@ def assert_within_twice_torch(tri, tor, oracle, dtype, what):
 def run_triton(hidden, weight, targets, splits):
     if splits is None:
         return fused_logprob(hidden, weight, targets, backend="triton")
-    return _FusedLogprobFn.apply(hidden, weight, targets, splits)
+    return _FusedLogprobFn.apply(hidden, weight, targets, "triton", splits)
 
 
 CASES = [  # id, N, D, V, vocabulary splits (None: the launcher's choice), ignore every k-th

@@ -6,12 +6,11 @@ import pytest
 import torch
 
 from fastlatent.data.batch import collate, positions_from_mask
-from fastlatent.engine.grpo import latent_grpo_loss, ppl_rewards
+from fastlatent.engine.grpo import latent_grpo_loss, ppl_rewards, sample_noise
 from fastlatent.rl import freeze_llm
 from fastlatent.testing.naive_steps import (
     naive_rl_step,
     naive_sft_step,
-    sample_noise,
     target_logprobs_from_logits,
 )
 

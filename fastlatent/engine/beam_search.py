@@ -42,13 +42,18 @@ import torch
 from fastlatent.data.trie import TitleTrie
 from fastlatent.engine.decoder import Decoder, PrefixCache
 from fastlatent.model.reasoner import LatentReasoner
-from fastlatent.testing.beam_search import Hypothesis
 
 # HF's charge for filler beams, done candidates kept as live beams, and candidates that
 # may not enter the finished pool.
 _CHARGE = -1.0e9
 # Real paths have finite full-vocabulary log-prob sums far above this; fillers fall below.
 _FILLER_FLOOR = -1.0e8
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    token_ids: tuple[int, ...]  # generated tokens, ending in eos
+    score: float  # Σ log p (full vocabulary) / len(token_ids) ** length_penalty
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fastlatent.data.batch import positions_from_mask
+from fastlatent.ops.latent_attention import rotate_half
 from fastlatent.ops.shared_prefix_attention import shared_prefix_attention
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -83,15 +84,10 @@ class SuffixCache:
                            self.valid[row_index], self.rows_per_group)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, heads, T, D]; cos, sin [B, T, D] from the model's rotary embedding."""
     cos, sin = cos[:, None], sin[:, None]
-    return x * cos + _rotate_half(x) * sin
+    return x * cos + rotate_half(x) * sin
 
 
 def _project(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor,

@@ -19,10 +19,15 @@ def mean_token_logprob(token_logprobs: torch.Tensor, target_mask: torch.Tensor) 
     return (token_logprobs * mask).sum(-1) / counts
 
 
+def perplexity_reward(token_logprobs: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """s = -exp(-(1/|y|) sum_i log pi(y_i)) = -PPL, in float32 (differentiable)."""
+    return -torch.exp(-mean_token_logprob(token_logprobs.float(), target_mask))
+
+
 def ppl_rewards(token_logprobs: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-    """s = -exp(-(1/|y|) sum_i log pi(y_i)) = -PPL, in float32, without gradient."""
+    """:func:`perplexity_reward` without gradient (the GRPO reward is a constant)."""
     with torch.no_grad():
-        return -torch.exp(-mean_token_logprob(token_logprobs.float(), target_mask))
+        return perplexity_reward(token_logprobs, target_mask)
 
 
 def grpo_advantages(rewards: torch.Tensor, *, pool: str = "batch",

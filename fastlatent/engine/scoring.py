@@ -14,6 +14,13 @@ from fastlatent.engine.decoder import Decoder, PrefixCache
 from fastlatent.ops.fused_logprob import IGNORE_INDEX, fused_logprob
 
 
+def target_logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] in float32 from full logits [..., V] (the fallback for
+    models the Decoder does not cover, and the naive oracles)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+
+
 def lm_head_weight(llm: torch.nn.Module) -> torch.Tensor:
     head = llm.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None:

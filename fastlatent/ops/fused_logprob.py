@@ -96,27 +96,10 @@ def _fused_logprob_bwd_torch(grad_logp: torch.Tensor, hidden: torch.Tensor,
             grad_w.to(weight.dtype) if need_weight else None)
 
 
-class _FusedLogprobTorchFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, vocab_tile: int):
-        logp, lse = _fused_logprob_fwd_torch(hidden, weight, targets, vocab_tile)
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.vocab_tile = vocab_tile
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad_logp):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        grad_h, grad_w = _fused_logprob_bwd_torch(
-            grad_logp, hidden, weight, targets, lse, ctx.vocab_tile,
-            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return grad_h, grad_w, None, None
-
-
 def fused_logprob_torch(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                         vocab_tile: int = VOCAB_TILE) -> torch.Tensor:
     """PyTorch implementation of :func:`fused_logprob` (tiled over the vocabulary)."""
-    return _FusedLogprobTorchFn.apply(hidden, weight, targets, vocab_tile)
+    return _FusedLogprobFn.apply(hidden, weight, targets, "torch", vocab_tile)
 
 
 # ---------------------------------------------------------------------------- Triton path
@@ -239,25 +222,31 @@ def _fused_logprob_bwd(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: to
 
 
 class _FusedLogprobFn(torch.autograd.Function):
-    """Triton path. ``num_splits`` (None = by device) overrides the vocabulary split count."""
+    """Both backends: forward saves the per-row log-sum-exp, backward recomputes each
+    vocabulary tile from it. ``tiling``: the torch path's vocab tile, or the Triton path's
+    split count (None = by device)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, num_splits):
-        hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-        weight = weight if weight.stride(-1) == 1 else weight.contiguous()
-        targets = targets.contiguous()
-        logp, lse = _fused_logprob_fwd(hidden, weight, targets, num_splits)
+    def forward(ctx, hidden, weight, targets, backend: str, tiling: int | None):
+        if backend == "triton":
+            hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+            weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+            targets = targets.contiguous()
+            logp, lse = _fused_logprob_fwd(hidden, weight, targets, tiling)
+        else:
+            logp, lse = _fused_logprob_fwd_torch(hidden, weight, targets, tiling)
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.num_splits = num_splits
+        ctx.backend = backend
+        ctx.tiling = tiling
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
         hidden, weight, targets, lse = ctx.saved_tensors
-        grad_h, grad_w = _fused_logprob_bwd(
-            grad_logp, hidden, weight, targets, lse, ctx.num_splits,
-            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return grad_h, grad_w, None, None
+        bwd = _fused_logprob_bwd if ctx.backend == "triton" else _fused_logprob_bwd_torch
+        grad_h, grad_w = bwd(grad_logp, hidden, weight, targets, lse, ctx.tiling,
+                             ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return grad_h, grad_w, None, None, None
 
 
 def fused_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -275,5 +264,5 @@ def fused_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     use_triton = (resolve_backend(hidden.device, backend, available=("torch", "triton")) == "triton"
                   and hidden.dtype in _TRITON_DTYPES and weight.dtype in _TRITON_DTYPES)
     if use_triton:
-        return _FusedLogprobFn.apply(hidden, weight, targets, None)
+        return _FusedLogprobFn.apply(hidden, weight, targets, "triton", None)
     return fused_logprob_torch(hidden, weight, targets, vocab_tile=vocab_tile)

@@ -42,11 +42,11 @@ and later steps only move fillers, so the result is the same as running on to
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from fastlatent.data.trie import TitleTrie
+from fastlatent.engine.beam_search import Hypothesis
 
 # HF's filler beams carry at least one -1e9 penalty; real paths have finite full-vocab
 # log-prob sums, many orders of magnitude above this floor.
@@ -63,12 +63,6 @@ _SCORE_ALTERING_FIELDS = (
     "forced_eos_token_id",
     "exponential_decay_length_penalty",
 )
-
-
-@dataclass(frozen=True)
-class Hypothesis:
-    token_ids: tuple[int, ...]  # generated tokens, ending in eos
-    score: float  # Σ log p (full vocabulary) / len(token_ids) ** length_penalty
 
 
 def naive_beam_search(

@@ -10,14 +10,9 @@ import torch
 
 from fastlatent.data.batch import Batch, positions_from_mask
 from fastlatent.engine.grpo import latent_grpo_loss, ppl_rewards, sample_noise
+from fastlatent.engine.scoring import target_logprobs_from_logits
 from fastlatent.engine.steps import RLStepOutput, SFTStepOutput
 from fastlatent.model.reasoner import LatentReasoner
-
-
-def target_logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] in float32; logits [..., V], targets [...]."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
 
 
 def naive_sft_step(reasoner: LatentReasoner, batch: Batch) -> SFTStepOutput:
