@@ -7,6 +7,7 @@ argparse group per dataclass. Precedence: dataclass defaults < preset < explicit
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,9 @@ class DataConfig:
     template: str = _f("default", "prompt template: default (our wording, names the domain) | "
                        "latentr3 (the release's exact strings, for reproduction)",
                        choices=("default", "latentr3"))
+    release_domain: str = _f("musics", "the domain word inside the latentr3 template's strings "
+                             "(the release's CDs word: 'musics', which its second string "
+                             "pluralises to 'musicss'; name your category's word otherwise)")
     sft_limit: int = _f(0, "SFT on a seeded sample of this many training rows (0 = all)")
     rl_limit: int = _f(0, "RL on a seeded sample of this many training prompts (0 = all)")
     valid_limit: int = _f(0, "validation loss on a seeded sample of this many rows (0 = all)")
@@ -61,15 +65,19 @@ class SFTConfig:
 class RLConfig:
     rl_lr: float = _f(1e-4, "RL learning rate for LatentRATT (release: {1e-5,5e-5,1e-4,5e-4})")
     rl_batch_size: int = _f(32, "prompts per RL optimiser step")
-    rl_micro_batch: int = _f(0, "prompts per RL forward (0 = the whole optimiser batch); "
-                             "the advantage pool is the micro-batch")
+    rl_micro_batch: int = _f(0, "prompts per RL forward (0 = the whole optimiser batch); the "
+                             "advantage pool is always the optimiser batch (micro-batching adds "
+                             "one no-grad scoring pass)")
     rl_epochs: int = _f(1, "RL epochs over the training prompts")
     rl_max_steps: int = _f(0, "stop RL after this many optimiser steps (0 = no limit)")
     rl_warmup_steps: int = _f(200, "RL warm-up steps, then cosine decay")
-    num_samples: int = _f(8, "K: rows per prompt, r^0 = r plus K-1 noisy r + sigma*eps")
+    num_samples: int = _f(8, "K: rows per prompt, r^0 = r plus K-1 noisy r + sigma*eps "
+                          "(the release's 8)")
     sigma: float = _f(1.5, "standard deviation of the Gaussian noise on the latent (absolute)")
-    advantage: str = _f("batch", "advantage baseline: batch (paper Eq. 7) | group (ablation)",
-                        choices=("batch", "group"))
+    advantage: str = _f("batch", "batch: paper Eq. 7, baseline mean s^0 over the batch, L2 "
+                        "norm of the pool | group: GRPO's group-relative advantage "
+                        "(s - mean_k s) / (std_k s + 1e-4), the paper's 'w/o batch advantage' "
+                        "ablation (needs K >= 2)", choices=("batch", "group"))
 
 
 @dataclass
@@ -127,7 +135,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                 sft_warmup_steps=1, sft_lr=3e-4, valid_limit=32, rl_limit=80,
                 rl_batch_size=8, rl_max_steps=10, rl_warmup_steps=1, rl_lr=1e-4,
                 eval_limit=100, eval_batch_size=8),
-    "paper": dict(sft_batch_size=128, sft_epochs=3, sft_lr=3e-4, sft_warmup_steps=20,
+    "paper": dict(template="latentr3", sft_batch_size=128, sft_epochs=3, sft_lr=3e-4,
+                  sft_warmup_steps=20,
                   rl_batch_size=32, rl_epochs=1, rl_warmup_steps=200, rl_lr=1e-4,
                   num_samples=8, sigma=1.5, num_beams=10, dtype="bfloat16"),
 }
@@ -156,3 +165,41 @@ def build_config(preset: str, overrides: dict[str, Any]) -> Config:
             raise ValueError(f"unknown config field {name!r}")
         setattr(getattr(cfg, owner[name]), name, value)
     return cfg
+
+
+class ConfigError(ValueError):
+    """A configuration a run cannot use; the message names the flag and the fix."""
+
+
+_POSITIVE_INTS = ("sft_batch_size", "sft_micro_batch", "sft_epochs", "sft_warmup_steps",
+                  "patience", "rl_batch_size", "rl_epochs", "rl_warmup_steps", "num_samples",
+                  "ratt_heads", "num_beams", "max_new_tokens", "eval_batch_size")
+_NON_NEGATIVE_INTS = ("sft_limit", "rl_limit", "valid_limit", "eval_limit", "rl_micro_batch",
+                      "rl_max_steps")
+_POSITIVE_FLOATS = ("sft_lr", "rl_lr", "grad_clip", "ratt_rope_base")
+
+
+def validate_config(cfg: Config) -> None:
+    """Raise :class:`ConfigError` for a configuration that cannot train, before anything is
+    loaded (a bad value found after an hour of SFT loses the hour)."""
+    values = {f: v for section in cfg.to_dict().values() for f, v in section.items()}
+
+    def fail(name: str, fix: str) -> None:
+        raise ConfigError(f"--{name.replace('_', '-')} {values[name]!r}: {fix}")
+
+    for name in _POSITIVE_INTS:
+        if not isinstance(values[name], int) or values[name] < 1:
+            fail(name, "expected a positive integer")
+    for name in _NON_NEGATIVE_INTS:
+        if not isinstance(values[name], int) or values[name] < 0:
+            fail(name, "expected an integer >= 0 (0 = no limit / off)")
+    for name in _POSITIVE_FLOATS:
+        if not math.isfinite(values[name]) or values[name] <= 0:
+            fail(name, "expected a finite number > 0")
+    if not math.isfinite(values["sigma"]) or values["sigma"] < 0:
+        fail("sigma", "expected a finite noise scale >= 0 (the release uses 1.5)")
+    if not math.isfinite(values["sft_weight_decay"]) or values["sft_weight_decay"] < 0:
+        fail("sft_weight_decay", "expected a finite number >= 0")
+    if values["advantage"] == "group" and values["num_samples"] < 2:
+        fail("num_samples", "the group advantage needs K >= 2 rows per prompt (its std is "
+             "over the K rows); use --num-samples 8 or --advantage batch")

@@ -4,6 +4,7 @@ HR@{5,10} / NDCG@{5,10} with bootstrap intervals, popular / unpopular split."""
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,8 @@ from fastlatent.data.sources import item_key
 from fastlatent.data.trie import TitleTrie
 from fastlatent.engine.beam_search import engine_beam_search
 from fastlatent.engine.decoder import Decoder, UnsupportedModelError
-from fastlatent.metrics import rank_of_first_hit, summarize
+from fastlatent.engine.steps import target_logprobs
+from fastlatent.metrics import normalize_title, rank_of_first_hit, summarize
 from fastlatent.model.reasoner import LatentReasoner
 
 
@@ -99,3 +101,45 @@ def evaluate(reasoner: LatentReasoner, examples: Sequence[Example], builder: Pro
     flags = None if popular is None else [item_key(ex) in popular for ex in examples]
     return EvalResult(summarize(ranks, flags, seed=seed), predictions)
 
+
+
+def most_frequent_titles(examples: Sequence[Example], n: int = 10) -> list[str]:
+    """The ``n`` titles most often the target of ``examples`` (grounding form; ties by
+    title, so the list is deterministic)."""
+    counts = Counter(normalize_title(ex.target) for ex in examples)
+    return sorted(counts, key=lambda title: (-counts[title], title))[:n]
+
+
+def popularity_baseline(train: Sequence[Example], examples: Sequence[Example], *,
+                        n: int = 10, popular: set | None = None, seed: int = 0) -> EvalResult:
+    """The baseline every report carries: recommend the ``n`` most frequent training
+    targets to every row of ``examples``, scored by the same metric code."""
+    if not examples:
+        raise ValueError("evaluation needs at least one example")
+    titles = most_frequent_titles(train, n)
+    ranks = [rank_of_first_hit(titles, ex.target) for ex in examples]
+    predictions = [{"user": ex.user, "history": list(ex.history), "target": ex.target,
+                    "rank": rank, "predictions": titles}
+                   for ex, rank in zip(examples, ranks, strict=True)]
+    flags = None if popular is None else [item_key(ex) in popular for ex in examples]
+    return EvalResult(summarize(ranks, flags, seed=seed), predictions)
+
+
+def target_nll(reasoner: LatentReasoner, examples: Sequence[Example], builder: PromptBuilder,
+               batch_size: int = 8) -> list[float]:
+    """Per row, the mean NLL per target token (target + EOS) under the noiseless latent
+    r^0: log PPL, the quantity latent GRPO's reward -PPL optimises. Far more sensitive to
+    a small change of the model than HR/NDCG."""
+    decoder = Decoder(reasoner.llm)
+    was_training = reasoner.training
+    reasoner.eval()
+    out: list[float] = []
+    with torch.no_grad():
+        for part in chunks(examples, batch_size):
+            batch = collate([builder.encode(ex) for ex in part],
+                            reasoner.tokenizer.pad_token_id).to(reasoner.device)
+            logp = target_logprobs(reasoner, batch, decoder=decoder)
+            mask = batch.target_mask.to(logp.dtype)
+            out.extend((-(logp * mask).sum(1) / mask.sum(1)).tolist())
+    reasoner.train(was_training)
+    return out

@@ -15,6 +15,7 @@ from typing import TypeVar
 import numpy as np
 
 DEFAULT_KS = (5, 10)
+BASELINE = "popular"  # the report key of the popularity baseline (top-10 training targets)
 Key = TypeVar("Key", bound=Hashable)
 
 
@@ -93,6 +94,35 @@ def bootstrap_interval(
     means = data[indices].mean(axis=1)
     lo, hi = np.quantile(means, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
     return float(lo), float(hi)
+
+
+def paired_bootstrap_difference(
+    values: Sequence[float], baseline: Sequence[float], *, resamples: int = 1000,
+    seed: int = 0, level: float = 0.95
+) -> dict[str, float]:
+    """Mean of ``values - baseline`` (one pair per row, e.g. two models' HR@10 on the same
+    test rows) and its percentile-bootstrap interval, resampling rows (pairs) together.
+
+    Returns ``{"diff", "lo", "hi"}``; far tighter than comparing two unpaired intervals
+    when both models get the same rows right or wrong.
+    """
+    a = np.asarray(values, dtype=np.float64)
+    b = np.asarray(baseline, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"expected paired values of one shape, got {a.shape} and {b.shape}")
+    lo, hi = bootstrap_interval(a - b, resamples=resamples, seed=seed, level=level)
+    return {"diff": float(np.mean(a - b)), "lo": lo, "hi": hi}
+
+
+def interval_relation(interval: Sequence[float], reference: Sequence[float]) -> str:
+    """"above", "below" or "overlaps": where ``[lo, hi]`` lies against ``reference``."""
+    lo, hi = interval
+    ref_lo, ref_hi = reference
+    if lo > ref_hi:
+        return "above"
+    if hi < ref_lo:
+        return "below"
+    return "overlaps"
 
 
 def summarize(

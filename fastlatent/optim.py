@@ -1,31 +1,45 @@
-"""Optimiser plumbing shared by the stages: learning-rate multipliers for LambdaLR and
-the clipped update."""
+"""Optimiser plumbing shared by the stages: the learning-rate schedules (Hugging Face's, as
+the release trains through the HF Trainer), warm-up that fits the run, the clipped update."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
+from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+# The release's warm-up as a share of its run: SFT 20 of 1155 steps (49,251 CDs rows,
+# batch 128, 3 epochs); RL 200 of ~1,539 steps (49,251 prompts, batch 32, 1 epoch).
+RELEASE_WARMUP_SHARE = {"sft": 20 / 1155, "rl": 200 / 1539}
 
 
-def warmup_linear_decay(warmup: int, total: int) -> Callable[[int], float]:
-    """SFT: linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-    return factor
+def fitted_warmup(configured: int, total_steps: int, stage: str) -> tuple[int, str | None]:
+    """The warm-up to use: ``configured`` when it is shorter than the run; otherwise the
+    release's share of ``total_steps`` (at least 1), with a note saying so.
+
+    A warm-up as long as the run never reaches the configured learning rate (200 RL
+    warm-up steps against ~183 optimiser steps on amazon-cds trained on `valid`).
+    """
+    if stage not in RELEASE_WARMUP_SHARE:
+        raise ValueError(f"expected stage in {sorted(RELEASE_WARMUP_SHARE)}, got {stage!r}")
+    if configured < total_steps:
+        return configured, None
+    share = RELEASE_WARMUP_SHARE[stage]
+    fitted = max(1, round(share * total_steps))
+    note = (f"{stage.upper()}: warm-up of {configured} steps >= the run's {total_steps} "
+            f"optimiser steps; using {fitted} (the release's {share:.1%} of the run)")
+    return fitted, note
 
 
-def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
-    """RL: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return factor
+def make_scheduler(optimizer: torch.optim.Optimizer, stage: str, warmup: int,
+                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """SFT: linear warm-up then linear decay to 0; RL: linear warm-up then cosine decay
+    to 0 (``transformers.get_{linear,cosine}_schedule_with_warmup``)."""
+    if stage == "sft":
+        return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    if stage == "rl":
+        return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    raise ValueError(f"expected stage 'sft' or 'rl', got {stage!r}")
 
 
 def clipped_update(optimizer: torch.optim.Optimizer,

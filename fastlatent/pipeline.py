@@ -14,8 +14,9 @@ from fastlatent.data.example import Dataset, Example
 from fastlatent.data.prompt import TEMPLATES, PromptBuilder
 from fastlatent.data.sampling import seeded_sample
 from fastlatent.data.sources import holdout_slice, item_frequencies, load_dataset
-from fastlatent.evaluate import build_title_trie, evaluate
-from fastlatent.metrics import popular_items
+from fastlatent.engine.decoder import UnsupportedModelError
+from fastlatent.evaluate import build_title_trie, evaluate, popularity_baseline, target_nll
+from fastlatent.metrics import BASELINE, interval_relation, popular_items
 from fastlatent.model.loading import load_llm
 from fastlatent.model.reasoner import LatentReasoner, ReasonerConfig
 from fastlatent.rl import run_rl
@@ -52,8 +53,9 @@ def build_reasoner(cfg: Config, dataset: Dataset, device: torch.device) -> Laten
         m = cfg.model
         texts = list(dataset.catalogue.distinct_titles)
         template = TEMPLATES[cfg.data.template]  # so tiny-random's BPE learns the prompt too
-        texts += [template.preamble.format(domain=dataset.domain),
-                  template.user_input.format(domain=dataset.domain, history="")] * 8
+        words = dict(domain=dataset.domain, release_domain=cfg.data.release_domain)
+        texts += [template.preamble.format(**words),
+                  template.user_input.format(history="", **words)] * 8
         llm, tokenizer = load_llm(m.model, dtype=m.dtype, tokenizer_texts=texts,
                                   seed=cfg.run.seed)
         reasoner = LatentReasoner.build(llm, tokenizer, ReasonerConfig(
@@ -61,9 +63,21 @@ def build_reasoner(cfg: Config, dataset: Dataset, device: torch.device) -> Laten
     return reasoner.to(device)
 
 
-def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog
-                 ) -> dict[str, dict[str, Any]]:
-    """Run ``cfg.run.stage``; returns metrics keyed by the stage after which they were taken."""
+
+
+def with_baseline_relation(metrics: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    """Add ``hr@10_vs_popular``: where the stage's HR@10 interval lies against the
+    popularity baseline's ("above", "overlaps", "below")."""
+    relation = interval_relation(metrics["hr@10_ci"], baseline["hr@10_ci"])
+    return {**metrics, f"hr@10_vs_{BASELINE}": relation}
+
+
+def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
+                 notes: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Run ``cfg.run.stage``; returns metrics keyed by the stage after which they were
+    taken, plus ``"popular"``, the popularity baseline on the same rows. Notes for the
+    manifest (e.g. a fitted warm-up) are appended to ``notes``."""
+    notes = [] if notes is None else notes
     seed, stage = cfg.run.seed, cfg.run.stage
     if stage in ("rl", "eval") and not cfg.run.checkpoint and cfg.model.model != "tiny-random":
         tqdm.write(f"note: --stage {stage} without --checkpoint starts from the base model "
@@ -72,21 +86,32 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog
     splits = choose_splits(dataset, cfg)
     reasoner = build_reasoner(cfg, dataset, device)
     builder = PromptBuilder(reasoner.tokenizer, template=cfg.data.template,
-                            domain=dataset.domain, use_thought=reasoner.uses_latent)
+                            domain=dataset.domain, release_domain=cfg.data.release_domain,
+                            use_thought=reasoner.uses_latent)
     trie = build_title_trie(builder, dataset.catalogue)
     popular = popular_items(item_frequencies(splits.train))
     log.write("data", "splits", train=len(splits.train), valid=len(splits.valid),
               eval=len(splits.eval), catalogue=len(dataset.catalogue), titles=len(trie))
-    metrics: dict[str, dict[str, Any]] = {}
+    baseline = popularity_baseline(splits.train, splits.eval, popular=popular, seed=seed)
+    metrics: dict[str, dict[str, Any]] = {BASELINE: baseline.metrics}
     predictions: list[dict[str, Any]] = []
+    log.write(BASELINE, "eval", **baseline.metrics)
 
     def run_eval(name: str) -> None:
         result = evaluate(reasoner, splits.eval, builder, trie, cfg.eval, popular=popular,
                           seed=seed, desc=f"eval after {name}")
-        metrics[name] = result.metrics
-        predictions.extend({"stage": name, **row} for row in result.predictions)
+        stage_metrics = with_baseline_relation(result.metrics, baseline.metrics)
+        try:
+            nll = target_nll(reasoner, splits.eval, builder, cfg.eval.eval_batch_size)
+        except UnsupportedModelError:
+            nll = [None] * len(splits.eval)
+        else:
+            stage_metrics["target_nll"] = sum(nll) / len(nll)
+        metrics[name] = stage_metrics
+        predictions.extend({"stage": name, **row, "target_nll": v}
+                           for row, v in zip(result.predictions, nll, strict=True))
         write_jsonl_atomic(out / "predictions.jsonl", predictions)
-        log.write(name, "eval", **{k: v for k, v in result.metrics.items()})
+        log.write(name, "eval", **stage_metrics)
 
     if stage in ("sft", "all"):
         encode = builder.encode
@@ -94,17 +119,22 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog
         valid = [encode(ex) for ex in splits.valid]
         result = run_sft(reasoner, train, valid, cfg.sft, grad_clip=cfg.train.grad_clip,
                          output_dir=out, log=log, seed=seed)
+        notes.extend(result.notes)
         if result.epochs_run - 1 != result.best_epoch:
             tqdm.write(f"SFT: reloading the best checkpoint (epoch {result.best_epoch + 1})")
             reasoner = LatentReasoner.load(result.checkpoint, dtype=cfg.model.dtype).to(device)
         run_eval("sft")
     if stage == "all" and reasoner.ratt is None:
-        tqdm.write(f"RL skipped: latent={cfg.model.latent!r} has no LatentRATT to train")
+        note = (f"RL skipped: latent={reasoner.config.latent!r} has no LatentRATT to train "
+                "(an SFT-only variant)")
+        tqdm.write(note)
+        notes.append(note)
     elif stage in ("rl", "all"):
         prompts = [builder.encode(ex)
                    for ex in seeded_sample(splits.train, cfg.data.rl_limit, seed + 1)]
-        run_rl(reasoner, prompts, cfg.rl, grad_clip=cfg.train.grad_clip, output_dir=out,
-               log=log, seed=seed)
+        rl_result = run_rl(reasoner, prompts, cfg.rl, grad_clip=cfg.train.grad_clip,
+                           output_dir=out, log=log, seed=seed)
+        notes.extend(rl_result.notes)
         run_eval("rl")
     if stage == "eval":
         run_eval("eval")

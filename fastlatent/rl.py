@@ -17,10 +17,11 @@ from tqdm.auto import tqdm
 
 from fastlatent.config import RLConfig
 from fastlatent.data.batch import EncodedExample, collate
-from fastlatent.data.sampling import chunks, shuffled_batches
+from fastlatent.data.sampling import shuffled_batches
+from fastlatent.engine.grpo import grpo_advantages, sample_noise
 from fastlatent.engine.steps import step_for
 from fastlatent.model.reasoner import LatentReasoner
-from fastlatent.optim import clipped_update, warmup_cosine
+from fastlatent.optim import clipped_update, fitted_warmup, make_scheduler
 from fastlatent.runlog import StepLog
 
 
@@ -30,6 +31,15 @@ class RLResult:
     mean_reward_first: float  # mean s^0 of the first step
     mean_reward_last: float  # mean s^0 of the last step
     checkpoint: Path
+    warmup_steps: int
+    notes: list[str]
+
+
+@dataclass
+class RLBatchResult:
+    loss: float
+    rewards: torch.Tensor  # [B, K] float32
+    advantages: torch.Tensor  # [B, K] float32
 
 
 def freeze_llm(reasoner: LatentReasoner) -> list[torch.nn.Parameter]:
@@ -44,6 +54,46 @@ def freeze_llm(reasoner: LatentReasoner) -> list[torch.nn.Parameter]:
     return list(reasoner.ratt.parameters())
 
 
+def accumulate_rl_gradients(reasoner: LatentReasoner, batch: Sequence[EncodedExample],
+                            cfg: RLConfig, train_step, generator: torch.Generator
+                            ) -> RLBatchResult:
+    """Backward of the latent GRPO loss of one optimiser ``batch``; its advantage pool is
+    always the whole batch, however it is split into micro-batches.
+
+    The noise for all B*K rows is drawn once. With micro-batches, a first pass without
+    gradient scores every micro-batch, the advantages are pooled over the batch, and a
+    second pass back-propagates each micro-batch with its share of those advantages,
+    weighted by its share of the prompts: the accumulated gradient equals one full-batch
+    pass (one extra no-grad scoring pass is the price of the lower peak memory).
+    """
+    pad = reasoner.tokenizer.pad_token_id
+    d = reasoner.llm.config.hidden_size
+    noise = sample_noise(len(batch), cfg.num_samples, d, generator=generator,
+                         device=reasoner.device)
+    kwargs = dict(k=cfg.num_samples, sigma=cfg.sigma, pool=cfg.advantage)
+    micro = cfg.rl_micro_batch or len(batch)
+    if micro >= len(batch):
+        out = train_step(reasoner, collate(batch, pad).to(reasoner.device), noise=noise,
+                         **kwargs)
+        out.loss.backward()
+        return RLBatchResult(float(out.loss.detach()), out.rewards, out.advantages)
+    starts = list(range(0, len(batch), micro))
+    parts = [collate(batch[i:i + micro], pad).to(reasoner.device) for i in starts]
+    with torch.no_grad():
+        rewards = torch.cat([
+            train_step(reasoner, part, noise=noise[i:i + micro], **kwargs).rewards
+            for i, part in zip(starts, parts, strict=True)])
+    advantages = grpo_advantages(rewards, pool=cfg.advantage)
+    loss = 0.0
+    for i, part in zip(starts, parts, strict=True):
+        out = train_step(reasoner, part, noise=noise[i:i + micro],
+                         advantages=advantages[i:i + micro], **kwargs)
+        share = len(part) / len(batch)
+        (out.loss * share).backward()
+        loss += float(out.loss.detach()) * share
+    return RLBatchResult(loss, rewards, advantages)
+
+
 def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLConfig, *,
            grad_clip: float, output_dir: Path, log: StepLog, seed: int) -> RLResult:
     if not prompts:
@@ -56,43 +106,38 @@ def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLC
     total_steps = steps_per_epoch * cfg.rl_epochs
     if cfg.rl_max_steps > 0:
         total_steps = min(total_steps, cfg.rl_max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(cfg.rl_warmup_steps, total_steps))
+    warmup, note = fitted_warmup(cfg.rl_warmup_steps, total_steps, "rl")
+    if note:
+        tqdm.write(f"note: {note}")
+    scheduler = make_scheduler(optimizer, "rl", warmup, total_steps)
     generator = torch.Generator().manual_seed(seed)
-    pad = reasoner.tokenizer.pad_token_id
-    micro = cfg.rl_micro_batch or cfg.rl_batch_size
     train_step = step_for(reasoner, "rl")
     checkpoint = output_dir / "rl"
     log.write("rl", "start", prompts=len(prompts), total_steps=total_steps, k=cfg.num_samples,
-              sigma=cfg.sigma, advantage=cfg.advantage)
+              sigma=cfg.sigma, advantage=cfg.advantage, warmup_steps=warmup, note=note)
     bar = tqdm(total=total_steps, desc="RL", unit="step", dynamic_ncols=True)
     step, first, last = 0, math.nan, math.nan
     for epoch in range(cfg.rl_epochs):
         for batch in shuffled_batches(prompts, cfg.rl_batch_size, seed + 1000 + epoch):
             if step >= total_steps:
                 break
-            loss_sum, s0, rewards_all = 0.0, [], []
-            for part in chunks(batch, micro):
-                out = train_step(reasoner, collate(part, pad).to(reasoner.device),
-                           k=cfg.num_samples, sigma=cfg.sigma, pool=cfg.advantage,
-                           generator=generator)
-                (out.loss * len(part) / len(batch)).backward()
-                loss_sum += float(out.loss.detach()) * len(part) / len(batch)
-                s0.append(out.rewards[:, 0])
-                rewards_all.append(out.rewards.flatten())
+            out = accumulate_rl_gradients(reasoner, batch, cfg, train_step, generator)
             grad_norm, lr = clipped_update(optimizer, scheduler, params, grad_clip)
             step += 1
-            reward0 = float(torch.cat(s0).mean())
-            reward = float(torch.cat(rewards_all).mean())
+            reward0 = float(out.rewards[:, 0].mean())
+            reward = float(out.rewards.mean())
             first = reward0 if step == 1 else first
             last = reward0
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", reward=f"{reward0:.3f}")
-            log.write("rl", "step", step=step, epoch=epoch, loss=loss_sum, reward_r0=reward0,
-                      reward_all=reward, grad_norm=grad_norm, lr=lr,
-                      prompts=len(batch))
+            bar.set_postfix(loss=f"{out.loss:.4f}", reward=f"{reward0:.3f}")
+            log.write("rl", "step", step=step, epoch=epoch, loss=out.loss, reward_r0=reward0,
+                      reward_all=reward, reward_std_within=float(out.rewards.std(dim=1).mean())
+                      if cfg.num_samples > 1 else 0.0,
+                      positive_noisy_advantage=float((out.advantages[:, 1:] > 0).float().mean())
+                      if cfg.num_samples > 1 else 0.0,
+                      grad_norm=grad_norm, lr=lr, prompts=len(batch))
         reasoner.save(checkpoint)
         if step >= total_steps:
             break
     bar.close()
-    return RLResult(step, first, last, checkpoint)
+    return RLResult(step, first, last, checkpoint, warmup, [note] if note else [])

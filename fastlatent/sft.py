@@ -20,7 +20,7 @@ from fastlatent.data.batch import EncodedExample, collate
 from fastlatent.data.sampling import chunks, shuffled_batches
 from fastlatent.engine.steps import step_for
 from fastlatent.model.reasoner import LatentReasoner
-from fastlatent.optim import clipped_update, warmup_linear_decay
+from fastlatent.optim import clipped_update, fitted_warmup, make_scheduler
 from fastlatent.runlog import StepLog
 
 
@@ -31,6 +31,8 @@ class SFTResult:
     epochs_run: int
     steps: int
     checkpoint: Path
+    warmup_steps: int
+    notes: list[str]
 
 
 def validation_loss(reasoner: LatentReasoner, examples: Sequence[EncodedExample],
@@ -47,6 +49,22 @@ def validation_loss(reasoner: LatentReasoner, examples: Sequence[EncodedExample]
             total, tokens = total + float(out.nll_sum), tokens + out.num_tokens
     reasoner.train(was_training)
     return total / max(1, tokens)
+
+
+def accumulate_sft_gradients(reasoner: LatentReasoner, batch: Sequence[EncodedExample],
+                             micro_batch: int, train_step) -> tuple[float, int]:
+    """Backward of the token-weighted mean NLL over the whole optimiser ``batch``, in
+    micro-batches of ``micro_batch`` examples: each micro-batch's NLL sum is divided by
+    the batch's token count, so the accumulated gradient equals one full-batch pass.
+    Returns (mean NLL of the batch, its target tokens)."""
+    pad = reasoner.tokenizer.pad_token_id
+    n_tokens = sum(len(ex.target_ids) for ex in batch)
+    loss_sum = 0.0
+    for part in chunks(batch, micro_batch):
+        out = train_step(reasoner, collate(part, pad).to(reasoner.device))
+        (out.nll_sum / n_tokens).backward()
+        loss_sum += float(out.nll_sum.detach())
+    return loss_sum / n_tokens, n_tokens
 
 
 def run_sft(reasoner: LatentReasoner, train: Sequence[EncodedExample],
@@ -66,28 +84,25 @@ def run_sft(reasoner: LatentReasoner, train: Sequence[EncodedExample],
     optimizer = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=cfg.sft_weight_decay)
     steps_per_epoch = math.ceil(len(train) / cfg.sft_batch_size)
     total_steps = steps_per_epoch * cfg.sft_epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_linear_decay(cfg.sft_warmup_steps, total_steps))
-    pad = reasoner.tokenizer.pad_token_id
+    warmup, note = fitted_warmup(cfg.sft_warmup_steps, total_steps, "sft")
+    if note:
+        tqdm.write(f"note: {note}")
+    scheduler = make_scheduler(optimizer, "sft", warmup, total_steps)
     train_step = step_for(reasoner, "sft")
     checkpoint = output_dir / "sft"
     best, best_epoch, bad_epochs, step, epoch = math.inf, -1, 0, 0, 0
-    log.write("sft", "start", train=len(train), valid=len(valid), total_steps=total_steps)
+    log.write("sft", "start", train=len(train), valid=len(valid), total_steps=total_steps,
+              warmup_steps=warmup, note=note)
     for epoch in range(cfg.sft_epochs):
         reasoner.train()
         bar = tqdm(shuffled_batches(train, cfg.sft_batch_size, seed + epoch),
                    total=steps_per_epoch, desc=f"SFT epoch {epoch + 1}/{cfg.sft_epochs}",
                    unit="step", dynamic_ncols=True)
         for batch in bar:
-            n_tokens = sum(len(ex.target_ids) for ex in batch)
-            loss_sum = 0.0
-            for part in chunks(batch, cfg.sft_micro_batch):
-                out = train_step(reasoner, collate(part, pad).to(reasoner.device))
-                (out.nll_sum / n_tokens).backward()
-                loss_sum += float(out.nll_sum.detach())
+            loss, n_tokens = accumulate_sft_gradients(reasoner, batch, cfg.sft_micro_batch,
+                                                      train_step)
             grad_norm, lr = clipped_update(optimizer, scheduler, params, grad_clip)
             step += 1
-            loss = loss_sum / n_tokens
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             log.write("sft", "step", step=step, epoch=epoch, loss=loss, grad_norm=grad_norm,
                       lr=lr, examples=len(batch), tokens=n_tokens)
@@ -104,4 +119,5 @@ def run_sft(reasoner: LatentReasoner, train: Sequence[EncodedExample],
             if bad_epochs >= cfg.patience:
                 tqdm.write(f"SFT: early stop after epoch {epoch + 1} (patience {cfg.patience})")
                 break
-    return SFTResult(best, best_epoch, epoch + 1, step, checkpoint)
+    return SFTResult(best, best_epoch, epoch + 1, step, checkpoint, warmup,
+                     [note] if note else [])

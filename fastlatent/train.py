@@ -20,13 +20,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastlatent.config import PRESETS, Config, build_config
+from fastlatent.config import PRESETS, Config, ConfigError, build_config, validate_config
+from fastlatent.metrics import BASELINE
 from fastlatent.runlog import StepLog, write_json_atomic
 
 METRIC_KEYS = ("hr@5", "hr@10", "ndcg@5", "ndcg@10")
-DEMO_NOTE = ("note: the cpu preset is a demonstration sized for 2 CPU cores (256 SFT "
-             "examples, 10 RL steps of 8 prompts, 100 evaluation users); its numbers are "
-             "not the paper's.")
+
+
+
+def demo_note(cfg: Config) -> str:
+    d, r = cfg.data, cfg.rl
+    return (f"note: the cpu preset is a demonstration sized for 2 CPU cores "
+            f"({d.sft_limit or 'all'} SFT examples, {r.rl_max_steps or 'all'} RL steps of "
+            f"{r.rl_batch_size} prompts, "
+            f"{d.eval_limit or 'all'} evaluation users); its numbers are not the paper's.")
 
 
 def _flag(name: str) -> str:
@@ -100,22 +107,34 @@ def package_versions() -> dict[str, str | None]:
 
 
 def format_table(metrics: dict[str, dict[str, Any]]) -> str:
-    """A fixed-width table: one row per stage, HR/NDCG with 95% bootstrap intervals."""
-    head = f"{'stage':<6}" + "".join(f"{k:>24}" for k in METRIC_KEYS)
+    """A fixed-width table: one row per stage, HR/NDCG with 95% bootstrap intervals, the
+    popularity baseline's row last, and whether each stage's HR@10 interval lies above,
+    overlaps or lies below the baseline's."""
+    head = f"{'stage':<8}" + "".join(f"{k:>24}" for k in METRIC_KEYS) + "  HR@10 vs popular"
     lines = [head, "-" * len(head)]
-    for stage, m in metrics.items():
+    order = [name for name in metrics if name != BASELINE] + [
+        name for name in metrics if name == BASELINE]
+    for stage in order:
+        m = metrics[stage]
         cells = []
         for k in METRIC_KEYS:
             lo, hi = m.get(f"{k}_ci", (float("nan"), float("nan")))
             cells.append(f"{m[k]:.4f} [{lo:.3f},{hi:.3f}]".rjust(24))
-        lines.append(f"{stage:<6}" + "".join(cells))
+        relation = m.get(f"hr@10_vs_{BASELINE}", "(baseline)" if stage == BASELINE else "")
+        lines.append(f"{stage:<8}" + "".join(cells) + f"  {relation}")
     n = next(iter(metrics.values())).get("n") if metrics else None
-    lines.append(f"(95% bootstrap intervals; {n} evaluation rows)")
+    lines.append(f"(95% bootstrap intervals; {n} evaluation rows; popular = the 10 most "
+                 "frequent training targets for every row)")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
+    try:
+        validate_config(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from fastlatent.pipeline import run_pipeline
 
     run = cfg.run
@@ -133,19 +152,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fastlatent: preset {run.preset}, stage {run.stage}, model {cfg.model.model}, "
           f"data {cfg.data.data}, device {device}, output {out}")
     if run.preset == "cpu":
-        print(DEMO_NOTE)
+        print(demo_note(cfg))
     log = StepLog(out / "log.jsonl")
+    notes: list[str] = []
     try:
-        metrics = run_pipeline(cfg, out, device, log)
+        metrics = run_pipeline(cfg, out, device, log, notes)
     finally:
         log.close()
     write_json_atomic(out / "metrics.json", metrics)
+    manifest["notes"] = notes
     manifest["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
     write_json_atomic(out / "run.json", manifest)
     if metrics:
         print(format_table(metrics))
     if run.preset == "cpu":
-        print(DEMO_NOTE)
+        print(demo_note(cfg))
     print(f"wrote {out / 'metrics.json'}")
     return 0
 

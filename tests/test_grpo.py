@@ -26,10 +26,21 @@ def test_batch_advantage_hand_computed():
 
 def test_group_advantage_hand_computed():
     s = torch.tensor([[-2.0, -1.0, -4.0], [-5.0, -5.0, -5.0]])
-    # group 0: baseline -2 -> [0, 1, -2] / sqrt(5); group 1: all zero -> 0
-    expected = torch.tensor([[0.0, 1.0, -2.0], [0.0, 0.0, 0.0]])
-    expected[0] /= math.sqrt(5.0) + 1e-6
+    # group 0: mean -7/3 -> centred [1/3, 4/3, -5/3]; unbiased var (1+16+25)/9/2 = 7/3
+    # group 1: all equal -> centred 0, std 0 -> 0 / (0 + 1e-4) = 0
+    std0 = math.sqrt(7.0 / 3.0)
+    expected = torch.tensor([[1 / 3, 4 / 3, -5 / 3], [0.0, 0.0, 0.0]])
+    expected[0] /= std0 + 1e-4
     torch.testing.assert_close(grpo_advantages(s, pool="group"), expected)
+    # r^0 gets a non-zero advantage (it is not the baseline) and each group sums to zero
+    adv = grpo_advantages(s, pool="group")
+    assert float(adv[0, 0]) != 0.0
+    torch.testing.assert_close(adv.sum(1), torch.zeros(2), atol=1e-5, rtol=0)
+
+
+def test_group_advantage_needs_two_rows_per_prompt():
+    with pytest.raises(ValueError, match="K >= 2"):
+        grpo_advantages(torch.tensor([[-1.0], [-2.0]]), pool="group")
 
 
 def test_loss_value_and_gradient_hand_computed():

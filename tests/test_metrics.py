@@ -144,3 +144,48 @@ def test_popular_items_rounding_edges():
         popular_items(counts, fraction=0.0)
     with pytest.raises(ValueError, match="expected non-negative frequencies"):
         popular_items({1: -1})
+
+
+# ---- the popularity baseline and comparisons against it -------------------------------
+def test_most_frequent_titles_counts_grounded_titles_and_breaks_ties_by_title():
+    from fastlatent.data.example import Example
+    from fastlatent.evaluate import most_frequent_titles
+
+    rows = [Example(user=0, history=("a",), target=t) for t in
+            ["B", ' "B" ', "C", "A", "C", "D"]]
+    assert most_frequent_titles(rows, 3) == ["B", "C", "A"]  # B x2, C x2, then A < D
+
+
+def test_popularity_baseline_scores_the_same_list_for_every_row():
+    from fastlatent.data.example import Example
+    from fastlatent.evaluate import popularity_baseline
+
+    train = [Example(user=0, history=("x",), target=t) for t in "AAABBC"]
+    rows = [Example(user=i, history=("x",), target=t) for i, t in enumerate("CAZB")]
+    result = popularity_baseline(train, rows, n=2, seed=0)
+    # list = [A, B]: C miss, A rank 0, Z miss, B rank 1
+    assert [p["rank"] for p in result.predictions] == [None, 0, None, 1]
+    assert result.metrics["hr@10"] == pytest.approx(0.5)
+    assert result.metrics["ndcg@10"] == pytest.approx((1 + 1 / math.log2(3)) / 4)
+    assert all(p["predictions"] == ["A", "B"] for p in result.predictions)
+
+
+def test_interval_relation():
+    from fastlatent.metrics import interval_relation
+
+    assert interval_relation((0.2, 0.3), (0.05, 0.15)) == "above"
+    assert interval_relation((0.0, 0.04), (0.05, 0.15)) == "below"
+    assert interval_relation((0.1, 0.2), (0.05, 0.15)) == "overlaps"
+
+
+def test_paired_bootstrap_difference_resamples_rows_together():
+    from fastlatent.metrics import paired_bootstrap_difference
+
+    a = [1.0, 0.0, 1.0, 1.0, 0.0] * 20
+    same = paired_bootstrap_difference(a, a)
+    assert same == {"diff": 0.0, "lo": 0.0, "hi": 0.0}  # identical rows: no spread at all
+    b = [0.0, 0.0, 1.0, 1.0, 0.0] * 20  # a hits every row b hits, plus 20 more
+    d = paired_bootstrap_difference(a, b, seed=1)
+    assert d["diff"] == pytest.approx(0.2) and 0.1 < d["lo"] < 0.2 < d["hi"] < 0.3
+    with pytest.raises(ValueError, match="paired"):
+        paired_bootstrap_difference([1.0], [1.0, 0.0])

@@ -5,22 +5,48 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from fastlatent.config import build_config
-from fastlatent.optim import warmup_cosine, warmup_linear_decay
+from fastlatent.optim import fitted_warmup, make_scheduler
 from fastlatent.pipeline import choose_splits
 
 
-def test_warmup_then_linear_decay():
-    f = warmup_linear_decay(warmup=2, total=6)
-    assert [f(s) for s in range(7)] == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0])
+def lr_factors(stage: str, warmup: int, total: int) -> list[float]:
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    scheduler = make_scheduler(optimizer, stage, warmup, total)
+    factors = []
+    for _ in range(total + 1):
+        factors.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return factors
 
 
-def test_warmup_then_cosine():
-    f = warmup_cosine(warmup=2, total=6)
-    assert f(0) == 0.5 and f(1) == 1.0 and f(2) == 1.0
-    assert f(4) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert f(6) == pytest.approx(0.0) and f(10) == pytest.approx(0.0)
+def test_sft_schedule_is_hf_linear_warmup_then_linear_decay():
+    # transformers' get_linear_schedule_with_warmup: step/warmup, then (total-s)/(total-w)
+    assert lr_factors("sft", 2, 6) == pytest.approx([0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0])
+
+
+def test_rl_schedule_is_hf_linear_warmup_then_cosine():
+    f = lr_factors("rl", 2, 6)
+    assert f[:3] == pytest.approx([0.0, 0.5, 1.0])
+    assert f[4] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f[6] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_warmup_longer_than_the_run_is_scaled_to_the_release_share():
+    # amazon-cds trained on valid: ~183 RL steps against the release's 200 warm-up steps
+    warmup, note = fitted_warmup(200, 183, "rl")
+    assert warmup == round(200 / 1539 * 183) == 24
+    assert "200" in note and "183" in note and "24" in note
+    assert fitted_warmup(200, 1539, "rl") == (200, None)
+    assert fitted_warmup(20, 8, "sft") == (1, fitted_warmup(20, 8, "sft")[1])
+    assert fitted_warmup(20, 8, "sft")[1] is not None
+    assert fitted_warmup(1, 8, "sft") == (1, None)
+    with pytest.raises(ValueError, match="stage"):
+        fitted_warmup(1, 8, "eval")
 
 
 def test_training_on_valid_holds_out_a_slice_of_it_never_test(synthetic_dataset):

@@ -44,6 +44,13 @@ def test_latentr3_strings_are_the_release_strings(tokenizer):
     assert builder.target_text("Monolith") == '"Monolith"\n'
 
 
+def test_latentr3_domain_word_is_a_field(tokenizer):
+    builder = PromptBuilder(tokenizer, template="latentr3", release_domain="toys")
+    assert builder.preamble() == RELEASE_PREAMBLE.replace("musics", "toys")
+    assert "the following toyss before" in builder.user_input(["A"])  # as the release does
+    assert "musics" not in builder.preamble() + builder.user_input(["A"])
+
+
 @pytest.mark.skipif(not SPEC.is_file(), reason="LATENTR3.md is not beside the repository")
 def test_latentr3_strings_match_the_spec_file(tokenizer):
     literals = re.findall(r'^\((\d)\) (".*")$', SPEC.read_text(encoding="utf-8"), re.MULTILINE)

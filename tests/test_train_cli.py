@@ -43,8 +43,12 @@ def test_smoke_end_to_end_then_eval_from_checkpoint(tmp_path):
     out = tmp_path / "run"
     assert main(["--preset", "smoke", "--output-dir", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"sft", "rl"}
-    for stage in metrics.values():
+    assert set(metrics) == {"sft", "rl", "popular"}
+    assert METRICS <= set(metrics["popular"]) and metrics["popular"]["n"] == 12
+    for name in ("sft", "rl"):
+        stage = metrics[name]
+        assert stage["hr@10_vs_popular"] in ("above", "overlaps", "below")
+        assert stage["target_nll"] > 0
         assert METRICS <= set(stage)
         assert {"hr@10_popular", "hr@10_unpopular", "hr@10_ci"} <= set(stage)
         assert 0.0 <= stage["ndcg@10"] <= stage["hr@10"] <= 1.0
@@ -66,8 +70,9 @@ def test_smoke_end_to_end_then_eval_from_checkpoint(tmp_path):
     assert main(["--preset", "smoke", "--stage", "eval", "--checkpoint", str(out / "rl"),
                  "--output-dir", str(again)]) == 0
     evaluated = json.loads((again / "metrics.json").read_text())
-    assert set(evaluated) == {"eval"}
+    assert set(evaluated) == {"eval", "popular"}
     assert evaluated["eval"] == metrics["rl"]  # the checkpoint reproduces the run's model
+    assert evaluated["popular"] == metrics["popular"]
 
 
 def write_csv_dir(root, splits, titles, rows_per_split=24):
@@ -98,7 +103,7 @@ def test_smoke_on_csv_data_trained_on_valid(tmp_path):
                  "--train-split", "valid", "--eval-split", "test", "--stage", "sft",
                  "--sft-epochs", "1", "--output-dir", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"sft"} and metrics["sft"]["n"] == 12
+    assert set(metrics) == {"sft", "popular"} and metrics["sft"]["n"] == 12
     splits = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
               if json.loads(line)["event"] == "splits"][0]
     assert splits["train"] + splits["valid"] == 24 and splits["valid"] >= 1
@@ -110,3 +115,47 @@ def test_missing_split_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no split 'train'"):
         main(["--preset", "smoke", "--data", f"csv:{tmp_path / 'data'}",
               "--output-dir", str(tmp_path / "run")])
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--advantage", "group", "--num-samples", "1"], "--num-samples"),
+    (["--rl-batch-size", "0"], "--rl-batch-size"),
+    (["--sft-warmup-steps", "0"], "--sft-warmup-steps"),
+    (["--rl-warmup-steps", "-3"], "--rl-warmup-steps"),
+    (["--sigma", "-1"], "--sigma"),
+    (["--sigma", "inf"], "--sigma"),
+    (["--sft-lr", "nan"], "--sft-lr"),
+    (["--grad-clip", "0"], "--grad-clip"),
+    (["--sft-epochs", "0"], "--sft-epochs"),
+])
+def test_bad_configuration_stops_before_anything_loads(flags, named, capsys, monkeypatch,
+                                                       tmp_path):
+    import fastlatent.model.loading as loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the configuration was checked")
+
+    monkeypatch.setattr(loading, "load_llm", no_load)
+    out = tmp_path / "run"
+    assert main(["--preset", "smoke", "--output-dir", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: " + named), err
+    assert not out.exists()  # nothing written either
+
+
+def test_format_table_has_the_baseline_row_and_each_stage_against_it():
+    from fastlatent.train import format_table
+
+    def stage(hr10, ci, relation=None):
+        m = {"n": 50, **{k: hr10 for k in METRICS}, **{f"{k}_ci": ci for k in METRICS}}
+        if relation:
+            m["hr@10_vs_popular"] = relation
+        return m
+
+    table = format_table({"popular": stage(0.04, [0.0, 0.1]),
+                          "sft": stage(0.2, [0.12, 0.3], "above"),
+                          "rl": stage(0.06, [0.02, 0.1], "overlaps")})
+    lines = table.splitlines()
+    assert lines[2].startswith("sft") and lines[2].rstrip().endswith("above")
+    assert lines[3].startswith("rl") and lines[3].rstrip().endswith("overlaps")
+    assert lines[4].startswith("popular") and "(baseline)" in lines[4]

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """``preamble`` may use ``{domain}``; ``user_input`` uses ``{history}`` and may use
-    ``{domain}``."""
+    """``preamble`` may use ``{domain}`` (the dataset's noun) or ``{release_domain}`` (the
+    word the release writes into its strings); ``user_input`` uses ``{history}`` and may
+    use either."""
 
     preamble: str
     user_input: str
@@ -36,15 +37,17 @@ TEMPLATES = {
                   "Name the next one the user will choose, as its title in double quotes.\n\n"),
         user_input="### History:\n{history}\n\n### Next:\n",
     ),
-    # The release's strings byte for byte, typos included; about music whatever the domain.
-    # For reproduction runs only.
+    # The release's strings byte for byte, typos included, with its domain word ("musics"
+    # for CDs, pluralised again in the second string: "musicss") as {release_domain}.
+    # For reproduction runs.
     "latentr3": PromptTemplate(
         preamble=("Below is an instruction that describes a task, paired with an input that "
                   "provides further context. Write a response that appropriately completes "
-                  "the request. \n\n### Instruction:\nGiven a list of musics the user "
-                  "recetenly enjoy, please write a new musics that the user may bought\n"),
-        user_input=("### User Input: \nThe user has palyed the following musicss before: "
-                    "{history}\n\n### Response: \n"),
+                  "the request. \n\n### Instruction:\nGiven a list of {release_domain} "
+                  "the user recetenly enjoy, please write a new {release_domain} that the "
+                  "user may bought\n"),
+        user_input=("### User Input: \nThe user has palyed the following {release_domain}s "
+                    "before: {history}\n\n### Response: \n"),
     ),
 }
 
@@ -58,7 +61,8 @@ class PromptBuilder:
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, *, template: str = "default",
-                 domain: str = "items", use_thought: bool = True) -> None:
+                 domain: str = "items", release_domain: str = "musics",
+                 use_thought: bool = True) -> None:
         if template not in TEMPLATES:
             raise ValueError(f"expected a template among {sorted(TEMPLATES)}, got {template!r}")
         if tokenizer.eos_token_id is None:
@@ -67,6 +71,7 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.template = template
         self.domain = domain
+        self.release_domain = release_domain
         self.use_thought = use_thought
         self.eos_id: int = tokenizer.eos_token_id
         self.thought_id = thought_token_id(tokenizer) if use_thought else None
@@ -77,12 +82,14 @@ class PromptBuilder:
 
     def preamble(self) -> str:
         """The instruction text every prompt starts with."""
-        return TEMPLATES[self.template].preamble.format(domain=self.domain)
+        return TEMPLATES[self.template].preamble.format(domain=self.domain,
+                                                        release_domain=self.release_domain)
 
     def user_input(self, history: Sequence[str]) -> str:
         """The quoted history titles (``"A", "B"``) inside the user-input template."""
         quoted = ", ".join(f'"{title}"' for title in history)
-        return TEMPLATES[self.template].user_input.format(domain=self.domain, history=quoted)
+        return TEMPLATES[self.template].user_input.format(
+            domain=self.domain, release_domain=self.release_domain, history=quoted)
 
     def target_text(self, title: str) -> str:
         """``'"' + title + '"\\n'``."""

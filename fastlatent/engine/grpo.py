@@ -30,13 +30,19 @@ def ppl_rewards(token_logprobs: torch.Tensor, target_mask: torch.Tensor) -> torc
         return perplexity_reward(token_logprobs, target_mask)
 
 
-def grpo_advantages(rewards: torch.Tensor, *, pool: str = "batch",
-                    eps: float = 1e-6) -> torch.Tensor:
-    """A = (s - mean_pool s^0) / (||S_pool - mean_pool s^0||_2 + eps), rewards [B, K].
+BATCH_EPS = 1e-6  # Eq. 7's denominator guard (the release's value)
+GROUP_EPS = 1e-4  # GRPO's std guard for the group-relative ablation
 
-    ``pool="batch"``: one pool of all B*K rows (paper Eq. 7; k=0 is in the norm).
-    ``pool="group"`` (ablation): each prompt's K rows are their own pool, so the
-    baseline is that prompt's s^0.
+
+def grpo_advantages(rewards: torch.Tensor, *, pool: str = "batch",
+                    eps: float | None = None) -> torch.Tensor:
+    """Advantages [B, K] from rewards [B, K] (row k = 0 is the noiseless r^0).
+
+    ``pool="batch"`` (paper Eq. 7): A = (s - mean_b s^0) / (||S - mean_b s^0||_2 + eps),
+    one pool of all B*K rows, k = 0 included in the norm; eps defaults to 1e-6.
+    ``pool="group"`` (the "w/o batch advantage" ablation = GRPO's group-relative
+    advantage): A_bk = (s_bk - mean_k s_b) / (std_k s_b + eps), std unbiased over the K
+    rows of prompt b; eps defaults to 1e-4; needs K >= 2.
     """
     if rewards.dim() != 2:
         raise ValueError(f"expected rewards [B, K], got {tuple(rewards.shape)}")
@@ -45,14 +51,18 @@ def grpo_advantages(rewards: torch.Tensor, *, pool: str = "batch",
     rewards = rewards.detach().float()
     if pool == "batch":
         centered = rewards - rewards[:, 0].mean()
-        return centered / (centered.norm() + eps)
-    centered = rewards - rewards[:, :1]
-    return centered / (centered.norm(dim=-1, keepdim=True) + eps)
+        return centered / (centered.norm() + (BATCH_EPS if eps is None else eps))
+    if rewards.shape[1] < 2:
+        raise ValueError(f"the group advantage needs K >= 2 rows per prompt (an unbiased std "
+                         f"over one row is undefined), got K = {rewards.shape[1]}")
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    std = rewards.std(dim=1, unbiased=True, keepdim=True)
+    return centered / (std + (GROUP_EPS if eps is None else eps))
 
 
 def latent_grpo_loss(token_logprobs: torch.Tensor, target_mask: torch.Tensor,
                      rewards: torch.Tensor, *, pool: str = "batch",
-                     eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+                     eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """loss = -(1/(B*K)) sum_b sum_k A_bk * mean_t log pi(y_t | x_b, r^k_b).
 
     token_logprobs [B, K, T] (with gradient), target_mask [B, T], rewards [B, K].
@@ -62,13 +72,23 @@ def latent_grpo_loss(token_logprobs: torch.Tensor, target_mask: torch.Tensor,
     if token_logprobs.dim() != 3 or rewards.shape != token_logprobs.shape[:2]:
         raise ValueError(f"expected token_logprobs [B, K, T] and rewards [B, K], got "
                          f"{tuple(token_logprobs.shape)} and {tuple(rewards.shape)}")
+    advantages = grpo_advantages(rewards, pool=pool, eps=eps)
+    return grpo_loss_given_advantages(token_logprobs, target_mask, advantages), advantages
+
+
+def grpo_loss_given_advantages(token_logprobs: torch.Tensor, target_mask: torch.Tensor,
+                               advantages: torch.Tensor) -> torch.Tensor:
+    """The loss of :func:`latent_grpo_loss` with advantages [B, K] computed elsewhere (e.g.
+    over a pool larger than this micro-batch: the optimiser batch)."""
+    if token_logprobs.dim() != 3 or advantages.shape != token_logprobs.shape[:2]:
+        raise ValueError(f"expected token_logprobs [B, K, T] and advantages [B, K], got "
+                         f"{tuple(token_logprobs.shape)} and {tuple(advantages.shape)}")
     expected_mask = (token_logprobs.shape[0], token_logprobs.shape[2])
     if tuple(target_mask.shape) != expected_mask:
         raise ValueError(f"expected target_mask [B, T] = {expected_mask}, "
                          f"got {tuple(target_mask.shape)}")
-    advantages = grpo_advantages(rewards, pool=pool, eps=eps)
     per_row = mean_token_logprob(token_logprobs.float(), target_mask[:, None, :])
-    return -(advantages * per_row).mean(), advantages
+    return -(advantages.detach().float() * per_row).mean()
 
 
 def sample_noise(batch: int, k: int, dim: int, *, generator: torch.Generator | None = None,

@@ -13,7 +13,12 @@ import torch
 
 from fastlatent.data.batch import Batch
 from fastlatent.engine.decoder import Decoder, UnsupportedModelError
-from fastlatent.engine.grpo import latent_grpo_loss, ppl_rewards, sample_noise
+from fastlatent.engine.grpo import (
+    grpo_loss_given_advantages,
+    latent_grpo_loss,
+    ppl_rewards,
+    sample_noise,
+)
 from fastlatent.engine.scoring import score_targets
 from fastlatent.model.reasoner import LatentReasoner
 
@@ -32,10 +37,10 @@ class RLStepOutput:
     token_logprobs: torch.Tensor  # [B, K, T] float32, 0 where the target is padding
 
 
-def sft_step(reasoner: LatentReasoner, batch: Batch, *, decoder: Decoder | None = None,
-             backend: str | None = None) -> SFTStepOutput:
-    """Cross-entropy over target + EOS in ONE pass: the prompt (with gradients) once,
-    then the suffix [r, y] against its cache."""
+def target_logprobs(reasoner: LatentReasoner, batch: Batch, *, decoder: Decoder | None = None,
+                    backend: str | None = None) -> torch.Tensor:
+    """log p(y_t | x, r^0, y_<t) [B, T] float32 (0 at padding) in ONE pass: the prompt once
+    (with gradients when enabled), then the suffix [r, y] against its cache."""
     decoder = decoder or Decoder(reasoner.llm)
     reasoner.check_prompt(batch.prompt_ids, batch.prompt_mask)
     if reasoner.uses_latent:
@@ -45,16 +50,24 @@ def sft_step(reasoner: LatentReasoner, batch: Batch, *, decoder: Decoder | None 
     else:
         prefix = decoder.prefix(batch.prompt_ids, batch.prompt_mask)
         latents = None
-    logp = score_targets(decoder, prefix, latents, batch.target_ids, batch.target_mask, 1,
+    return score_targets(decoder, prefix, latents, batch.target_ids, batch.target_mask, 1,
                          backend=backend)
+
+
+def sft_step(reasoner: LatentReasoner, batch: Batch, *, decoder: Decoder | None = None,
+             backend: str | None = None) -> SFTStepOutput:
+    """Cross-entropy over target + EOS in one pass (see :func:`target_logprobs`)."""
+    logp = target_logprobs(reasoner, batch, decoder=decoder, backend=backend)
     return SFTStepOutput(-logp.sum(), int(batch.target_mask.sum()))
 
 
 def rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma: float,
             pool: str = "batch", noise: torch.Tensor | None = None,
-            generator: torch.Generator | None = None, eps: float = 1e-6,
+            generator: torch.Generator | None = None, eps: float | None = None,
+            advantages: torch.Tensor | None = None,
             decoder: Decoder | None = None, backend: str | None = None) -> RLStepOutput:
-    """Latent GRPO loss for one micro-batch (= the advantage pool).
+    """Latent GRPO loss for one micro-batch: the advantage pool, unless ``advantages``
+    [B, K] pooled over a larger batch by the caller are given.
 
     One prefix pass per prompt (frozen LLM, no gradient) -> LatentRATT -> K-way expansion
     r^k = r + sigma*eps_k (eps_0 = 0) -> one suffix pass over [r^k, y] for all B*K rows
@@ -82,8 +95,11 @@ def rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma: float,
                          batch.target_mask.repeat_interleave(k, 0), k, backend=backend)
     token_logprobs = logp.view(b, k, -1)
     rewards = ppl_rewards(token_logprobs, batch.target_mask[:, None, :])
-    loss, advantages = latent_grpo_loss(token_logprobs, batch.target_mask, rewards, pool=pool,
-                                        eps=eps)
+    if advantages is None:
+        loss, advantages = latent_grpo_loss(token_logprobs, batch.target_mask, rewards,
+                                            pool=pool, eps=eps)
+    else:  # pooled over more than this micro-batch by the caller
+        loss = grpo_loss_given_advantages(token_logprobs, batch.target_mask, advantages)
     return RLStepOutput(loss, rewards, advantages, token_logprobs.detach())
 
 

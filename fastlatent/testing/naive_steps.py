@@ -9,7 +9,12 @@ from __future__ import annotations
 import torch
 
 from fastlatent.data.batch import Batch, positions_from_mask
-from fastlatent.engine.grpo import latent_grpo_loss, ppl_rewards, sample_noise
+from fastlatent.engine.grpo import (
+    grpo_loss_given_advantages,
+    latent_grpo_loss,
+    ppl_rewards,
+    sample_noise,
+)
 from fastlatent.engine.scoring import target_logprobs_from_logits
 from fastlatent.engine.steps import RLStepOutput, SFTStepOutput
 from fastlatent.model.reasoner import LatentReasoner
@@ -31,7 +36,8 @@ def naive_sft_step(reasoner: LatentReasoner, batch: Batch) -> SFTStepOutput:
 
 def naive_rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma: float,
                   pool: str = "batch", noise: torch.Tensor | None = None,
-                  generator: torch.Generator | None = None, eps: float = 1e-6) -> RLStepOutput:
+                  generator: torch.Generator | None = None, eps: float | None = None,
+                  advantages: torch.Tensor | None = None) -> RLStepOutput:
     """Latent GRPO loss for one micro-batch (= the advantage pool), straightforwardly.
 
     r from one prefix pass (the LLM is frozen, so without gradient); then, for each
@@ -68,6 +74,9 @@ def naive_rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma: floa
         rows.append(torch.nn.functional.pad(logp, (0, t - n_target)))
     token_logprobs = torch.stack(rows)  # [B, K, T]
     rewards = ppl_rewards(token_logprobs, batch.target_mask[:, None, :])
-    loss, advantages = latent_grpo_loss(token_logprobs, batch.target_mask, rewards, pool=pool,
-                                        eps=eps)
+    if advantages is None:
+        loss, advantages = latent_grpo_loss(token_logprobs, batch.target_mask, rewards,
+                                            pool=pool, eps=eps)
+    else:  # pooled over more than this micro-batch by the caller
+        loss = grpo_loss_given_advantages(token_logprobs, batch.target_mask, advantages)
     return RLStepOutput(loss, rewards, advantages, token_logprobs.detach())
