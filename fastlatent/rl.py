@@ -130,11 +130,12 @@ def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLC
             last = reward0
             bar.update(1)
             bar.set_postfix(loss=f"{out.loss:.4f}", reward=f"{reward0:.3f}")
+            noisy = out.advantages[:, 1:]
             log.write("rl", "step", step=step, epoch=epoch, loss=out.loss, reward_r0=reward0,
-                      reward_all=reward, reward_std_within=float(out.rewards.std(dim=1).mean())
+                      reward_all=reward,
+                      reward_std_within=float(out.rewards.std(dim=1).mean())
                       if cfg.num_samples > 1 else 0.0,
-                      positive_noisy_advantage=float((out.advantages[:, 1:] > 0).float().mean())
-                      if cfg.num_samples > 1 else 0.0,
+                      mean_noisy_advantage=float(noisy.mean()) if noisy.numel() else 0.0,
                       grad_norm=grad_norm, lr=lr, prompts=len(batch))
         reasoner.save(checkpoint)
         if step >= total_steps:
