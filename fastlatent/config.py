@@ -46,6 +46,10 @@ class ModelConfig:
                      choices=("ratt", "last-hidden", "none"))
     ratt_heads: int = _f(1, "LatentRATT attention heads (the release uses 1 head over d)")
     ratt_rope_base: float = _f(1000.0, "RoPE base of LatentRATT's own rotary embedding")
+    num_latents: int = _f(1, "latent tokens before the answer (the paper's reasoning-length "
+                          "study, App. E: N in {1,2,4,8}; the release uses 1): latent 1 is r "
+                          "(noised in RL), each further one is the latent module applied "
+                          "again with its query at the newest latent, without noise")
     dtype: str = _f("float32", "LLM weight dtype (LatentRATT always keeps fp32 master weights)",
                     choices=("float32", "bfloat16", "float16"))
 
@@ -200,6 +204,10 @@ def validate_config(cfg: Config) -> None:
         fail("sigma", "expected a finite noise scale >= 0 (the release uses 1.5)")
     if not math.isfinite(values["sft_weight_decay"]) or values["sft_weight_decay"] < 0:
         fail("sft_weight_decay", "expected a finite number >= 0")
+    if values["latent"] != "none" and (not isinstance(values["num_latents"], int)
+                                       or values["num_latents"] < 1):
+        fail("num_latents", f"expected at least 1 latent token with --latent "
+             f"{values['latent']} (no latent at all is --latent none)")
     if values["advantage"] == "group" and values["num_samples"] < 2:
         fail("num_samples", "the group advantage needs K >= 2 rows per prompt (its std is "
              "over the K rows); use --num-samples 8 or --advantage batch")

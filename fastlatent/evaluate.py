@@ -51,8 +51,8 @@ def _naive_search(reasoner: LatentReasoner, prompt_ids: torch.Tensor,
     from fastlatent.testing.beam_search import naive_beam_search
 
     tok = reasoner.tokenizer
-    embeds = reasoner.prompt_embeds(prompt_ids, prompt_mask)
-    return naive_beam_search(reasoner.llm, embeds, prompt_mask, trie,
+    embeds, mask = reasoner.prompt_inputs(prompt_ids, prompt_mask)
+    return naive_beam_search(reasoner.llm, embeds, mask, trie,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                              **kwargs)
 

@@ -59,10 +59,9 @@ def build_reasoner(cfg: Config, dataset: Dataset, device: torch.device) -> Laten
         llm, tokenizer = load_llm(m.model, dtype=m.dtype, tokenizer_texts=texts,
                                   seed=cfg.run.seed)
         reasoner = LatentReasoner.build(llm, tokenizer, ReasonerConfig(
-            latent=m.latent, ratt_heads=m.ratt_heads, ratt_rope_base=m.ratt_rope_base))
+            latent=m.latent, ratt_heads=m.ratt_heads, ratt_rope_base=m.ratt_rope_base,
+            num_latents=m.num_latents))
     return reasoner.to(device)
-
-
 
 
 def with_baseline_relation(metrics: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:

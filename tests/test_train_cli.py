@@ -127,6 +127,7 @@ def test_missing_split_is_a_clear_error(tmp_path):
     (["--sft-lr", "nan"], "--sft-lr"),
     (["--grad-clip", "0"], "--grad-clip"),
     (["--sft-epochs", "0"], "--sft-epochs"),
+    (["--num-latents", "0"], "--num-latents"),
 ])
 def test_bad_configuration_stops_before_anything_loads(flags, named, capsys, monkeypatch,
                                                        tmp_path):

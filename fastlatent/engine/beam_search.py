@@ -41,6 +41,7 @@ import torch
 
 from fastlatent.data.trie import TitleTrie
 from fastlatent.engine.decoder import Decoder, PrefixCache
+from fastlatent.engine.latents import chain_latents
 from fastlatent.model.reasoner import LatentReasoner
 
 # HF's charge for filler beams, done candidates kept as live beams, and candidates that
@@ -216,13 +217,14 @@ def _encode_prompts(reasoner: LatentReasoner, decoder: Decoder, prompt_ids: torc
                     prompt_mask: torch.Tensor, num_beams: int
                     ) -> tuple[PrefixCache, torch.Tensor | None, torch.Tensor | None]:
     """Encode each prompt once. Returns the prefix cache and either the first suffix
-    input (with a latent: ``r`` for every beam row, [B·N, 1, d]) or, without one, the
-    first step's log-probs [B·N, V] from the prompt's last hidden state."""
+    input (with a latent: the latents of every beam row, [B·N, num_latents, d]) or,
+    without one, the first step's log-probs [B·N, V] from the prompt's last hidden state."""
     if reasoner.uses_latent:
         mask = prompt_mask[:, :-1]
         prefix = decoder.prefix(prompt_ids[:, :-1], mask)
-        r = reasoner.thought(prefix.hidden, mask).to(prefix.hidden.dtype)
-        return prefix, r.repeat_interleave(num_beams, dim=0)[:, None], None
+        latents = chain_latents(reasoner, decoder, prefix, reasoner.thought(prefix.hidden, mask),
+                                1).to(prefix.hidden.dtype)
+        return prefix, latents.repeat_interleave(num_beams, dim=0), None
     prefix = decoder.prefix(prompt_ids, prompt_mask)
     logp = _log_probs(decoder, prefix.hidden[:, -1])
     return prefix, None, logp.repeat_interleave(num_beams, dim=0)

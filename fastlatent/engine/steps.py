@@ -19,6 +19,7 @@ from fastlatent.engine.grpo import (
     ppl_rewards,
     sample_noise,
 )
+from fastlatent.engine.latents import chain_latents
 from fastlatent.engine.scoring import score_targets
 from fastlatent.model.reasoner import LatentReasoner
 
@@ -46,7 +47,8 @@ def target_logprobs(reasoner: LatentReasoner, batch: Batch, *, decoder: Decoder 
     if reasoner.uses_latent:
         mask = batch.prompt_mask[:, :-1]
         prefix = decoder.prefix(batch.prompt_ids[:, :-1], mask)
-        latents = reasoner.thought(prefix.hidden, mask)[:, None]
+        latents = chain_latents(reasoner, decoder, prefix, reasoner.thought(prefix.hidden, mask),
+                                1)
     else:
         prefix = decoder.prefix(batch.prompt_ids, batch.prompt_mask)
         latents = None
@@ -89,8 +91,8 @@ def rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma: float,
     if noise.shape != (b, k, d):
         raise ValueError(f"expected noise [{b}, {k}, {d}], got {tuple(noise.shape)}")
     # LatentRATT fused with the K-way expansion: [B, K, d] fp32, gradient to LatentRATT
-    latents = reasoner.thought(prefix.hidden, mask, noise=noise, sigma=sigma)
-    latents = latents.reshape(b * k, 1, d)
+    first = reasoner.thought(prefix.hidden, mask, noise=noise, sigma=sigma)
+    latents = chain_latents(reasoner, decoder, prefix, first.reshape(b * k, d), k)
     logp = score_targets(decoder, prefix, latents, batch.target_ids.repeat_interleave(k, 0),
                          batch.target_mask.repeat_interleave(k, 0), k, backend=backend)
     token_logprobs = logp.view(b, k, -1)

@@ -31,12 +31,16 @@ class ReasonerConfig:
     latent: str = "ratt"  # ratt | last-hidden | none
     ratt_heads: int = 1
     ratt_rope_base: float = 1000.0
+    num_latents: int = 1  # latent tokens in a row (paper App. E); the release uses 1
     thought_token: str = THOUGHT_TOKEN
     thought_token_id: int = -1  # set by LatentReasoner.build when a latent is used
 
     def __post_init__(self):
         if self.latent not in LATENT_MODES:
             raise ValueError(f"expected latent in {LATENT_MODES}, got {self.latent!r}")
+        if self.latent != "none" and self.num_latents < 1:
+            raise ValueError(f"expected num_latents >= 1 with latent={self.latent!r}, got "
+                             f"{self.num_latents} (no latent at all is latent='none')")
 
 
 class LatentReasoner(nn.Module):
@@ -129,17 +133,51 @@ class LatentReasoner(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.llm.get_input_embeddings()(ids)
 
-    def prompt_embeds(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                      r: torch.Tensor | None = None) -> torch.Tensor:
-        """Input embeddings [B, L, d] of the prompt; with a latent, the thought column holds
-        ``r`` (computed here when not given)."""
+    def chain_latents(self, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor,
+                      first: torch.Tensor) -> torch.Tensor:
+        """The ``num_latents`` latents of each row [R, N, d] float32, straightforwardly
+        (full forwards of the model's own body; the engine does the same against a cache).
+
+        ``prompt_embeds`` [R, L', d] / ``prompt_mask`` [R, L']: the prompt without the
+        thought column; ``first`` [R, d]: latent 1 (r, or r + sigma*eps in RL). Latent j+1
+        is :meth:`thought` over the final hidden states of [prompt, latents 1..j] with the
+        query at latent j's position; only latent 1 carries noise (paper App. E).
+        """
+        latents = [first.float()]
+        for _ in range(1, self.config.num_latents):
+            embeds = torch.cat((prompt_embeds, torch.stack(latents, 1).to(prompt_embeds)), 1)
+            mask = torch.cat((prompt_mask, prompt_mask.new_ones(len(first), len(latents))), 1)
+            hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask,
+                                  position_ids=positions_from_mask(mask),
+                                  use_cache=False).last_hidden_state
+            latents.append(self.thought(hidden, mask))
+        return torch.stack(latents, 1)
+
+    def prompt_inputs(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                      r: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input embeddings and mask of the prompt as the LLM reads it: with a latent, the
+        thought column is replaced by the ``num_latents`` latents ([B, L - 1 + N, d]);
+        without, the token embeddings [B, L, d]. ``r`` [B, d] overrides latent 1."""
         self.check_prompt(prompt_ids, prompt_mask)
         emb = self.embed(prompt_ids)
         if not self.uses_latent:
-            return emb
+            return emb, prompt_mask
         if r is None:
             r = self.latent(prompt_ids, prompt_mask)
-        return torch.cat((emb[:, :-1], r[:, None].to(emb.dtype)), dim=1)
+        latents = self.chain_latents(emb[:, :-1], prompt_mask[:, :-1], r)
+        mask = torch.cat((prompt_mask[:, :-1],
+                          prompt_mask.new_ones(len(r), self.config.num_latents)), 1)
+        return torch.cat((emb[:, :-1], latents.to(emb.dtype)), dim=1), mask
+
+    def prompt_embeds(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                      r: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings [B, L, d] of the prompt; with a latent, the thought column holds
+        ``r`` (computed here when not given). One latent only: see :meth:`prompt_inputs`."""
+        if self.uses_latent and self.config.num_latents != 1:
+            raise ValueError(f"prompt_embeds keeps the prompt's length, which holds one "
+                             f"latent; this model has {self.config.num_latents}: use "
+                             "prompt_inputs, which also returns the longer mask")
+        return self.prompt_inputs(prompt_ids, prompt_mask, r)[0]
 
     # ---- checkpoints -----------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:

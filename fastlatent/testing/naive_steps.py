@@ -23,12 +23,12 @@ from fastlatent.model.reasoner import LatentReasoner
 def naive_sft_step(reasoner: LatentReasoner, batch: Batch) -> SFTStepOutput:
     """Cross-entropy over target + EOS, the release's way: one full pass over the prompt
     for r, then a second full pass over [prompt, r, target]; gradients through both."""
-    prompt = reasoner.prompt_embeds(batch.prompt_ids, batch.prompt_mask)
+    prompt, prompt_mask = reasoner.prompt_inputs(batch.prompt_ids, batch.prompt_mask)
     embeds = torch.cat((prompt, reasoner.embed(batch.target_ids)), dim=1)
-    mask = torch.cat((batch.prompt_mask, batch.target_mask), dim=1)
+    mask = torch.cat((prompt_mask, batch.target_mask), dim=1)
     logits = reasoner.llm(inputs_embeds=embeds, attention_mask=mask,
                           position_ids=positions_from_mask(mask), use_cache=False).logits
-    length, t = batch.prompt_ids.shape[1], batch.target_ids.shape[1]
+    length, t = prompt.shape[1], batch.target_ids.shape[1]
     logp = target_logprobs_from_logits(logits[:, length - 1:length - 1 + t], batch.target_ids)
     weight = batch.target_mask.to(logp.dtype)
     return SFTStepOutput(-(logp * weight).sum(), int(batch.target_mask.sum()))
@@ -41,9 +41,9 @@ def naive_rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma: floa
     """Latent GRPO loss for one micro-batch (= the advantage pool), straightforwardly.
 
     r from one prefix pass (the LLM is frozen, so without gradient); then, for each
-    prompt, one forward over its K full rows [prompt, r + sigma*eps_k, target] with full
-    logits; rewards from that same pass. ``noise`` [B, K, d] overrides sampling
-    (row 0 must be zero for r^0 = r).
+    prompt, one forward over its K full rows [prompt, r + sigma*eps_k (+ further latents),
+    target] with full logits; rewards from that same pass. ``noise`` [B, K, d] overrides
+    sampling (row 0 must be zero for r^0 = r).
     """
     if k < 1:
         raise ValueError(f"expected k >= 1, got {k}")
@@ -67,9 +67,13 @@ def naive_rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma: floa
         n_prompt, n_target = prompt_ids.numel(), target_ids.numel()
         prompt = reasoner.embed(prompt_ids)[None].expand(k, -1, -1)
         target = reasoner.embed(target_ids)[None].expand(k, -1, -1)
-        embeds = torch.cat((prompt, latents[i, :, None].to(prompt.dtype), target), dim=1)
+        chain = reasoner.chain_latents(prompt, torch.ones(k, n_prompt, dtype=torch.long,
+                                                          device=prompt.device), latents[i])
+        n_latent = chain.shape[1]
+        embeds = torch.cat((prompt, chain.to(prompt.dtype), target), dim=1)
         logits = reasoner.llm(inputs_embeds=embeds, use_cache=False).logits
-        logp = target_logprobs_from_logits(logits[:, n_prompt:n_prompt + n_target],
+        first = n_prompt + n_latent - 1  # the first target is predicted at the last latent
+        logp = target_logprobs_from_logits(logits[:, first:first + n_target],
                                            target_ids[None].expand(k, -1))
         rows.append(torch.nn.functional.pad(logp, (0, t - n_target)))
     token_logprobs = torch.stack(rows)  # [B, K, T]
