@@ -96,9 +96,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="one folder per variant plus fidelity.{json,md,png}")
     p.add_argument("--only", default="", help="comma-separated variant names to run "
                    f"(default: all of {', '.join(v.name for v in VARIANTS)})")
+    p.add_argument("--sigma-variants", default="",
+                   help="comma-separated extra sigmas: each adds a '+RL (batch adv.)' variant "
+                   "with that noise scale (sigma is absolute, and the paper's 1.5 was set "
+                   "for Qwen2.5's scale)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="further fastlatent.train flags for every variant (after --extra)")
     return p.parse_args(argv)
+
+
+def all_variants(args: argparse.Namespace) -> list[Variant]:
+    """The five of the paper's ablation, then one RL variant per --sigma-variants value."""
+    extra = [Variant(f"rl-batch-sigma{sigma}", f"+RL (batch adv., σ={sigma})", "rl",
+                     ["--stage", "rl", "--advantage", "batch", "--sigma", sigma],
+                     after=REFERENCE)
+             for sigma in args.sigma_variants.split(",") if sigma]
+    return VARIANTS + extra
 
 
 def variant_command(v: Variant, args: argparse.Namespace, out: Path) -> list[str]:
@@ -312,14 +325,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    variants = all_variants(args)
     names = [n for n in args.only.split(",") if n]
-    unknown = set(names) - {v.name for v in VARIANTS}
+    unknown = set(names) - {v.name for v in variants}
     if unknown:
         raise SystemExit(f"--only: unknown variants {sorted(unknown)}; "
-                         f"choose from {[v.name for v in VARIANTS]}")
-    chosen = [v for v in VARIANTS if not names or v.name in names]
+                         f"choose from {[v.name for v in variants]}")
+    chosen = [v for v in variants if not names or v.name in names]
     run_variants(args, out, chosen)
-    report = build_report(args, out, VARIANTS)
+    report = build_report(args, out, variants)
     from fastlatent.runlog import write_json_atomic, write_text_atomic
 
     write_json_atomic(out / "fidelity.json", report)
