@@ -33,7 +33,8 @@ def demo_note(cfg: Config) -> str:
     return (f"note: the cpu preset is a demonstration sized for 2 CPU cores "
             f"({d.sft_limit or 'all'} SFT examples, {r.rl_max_steps or 'all'} RL steps of "
             f"{r.rl_batch_size} prompts, "
-            f"{d.eval_limit or 'all'} evaluation users); its numbers are not the paper's.")
+            f"{d.eval_limit or 'all'} evaluation users); its numbers are not the paper's, and "
+            f"at this size it does not beat the popularity baseline (see README).")
 
 
 def _flag(name: str) -> str:
