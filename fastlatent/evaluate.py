@@ -3,9 +3,8 @@ HR@{5,10} / NDCG@{5,10} with bootstrap intervals, popular / unpopular split."""
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +18,8 @@ from fastlatent.data.prompt import PromptBuilder
 from fastlatent.data.sampling import chunks
 from fastlatent.data.sources import item_key
 from fastlatent.data.trie import TitleTrie
-from fastlatent.engine.beam_search import engine_beam_search
-from fastlatent.engine.decoder import Decoder, UnsupportedModelError
+from fastlatent.engine.decoder import Decoder
+from fastlatent.engine.generic import beam_search_for
 from fastlatent.engine.steps import target_logprobs
 from fastlatent.metrics import normalize_title, rank_of_first_hit, summarize
 from fastlatent.model.reasoner import LatentReasoner
@@ -44,28 +43,6 @@ def decode_title(tokenizer, token_ids: Sequence[int]) -> str:
     if ids and ids[-1] == tokenizer.eos_token_id:
         ids = ids[:-1]
     return tokenizer.decode(ids, skip_special_tokens=False).strip().strip('"').strip()
-
-
-def _naive_search(reasoner: LatentReasoner, prompt_ids: torch.Tensor,
-                  prompt_mask: torch.Tensor, trie: TitleTrie, **kwargs: Any):
-    from fastlatent.testing.beam_search import naive_beam_search
-
-    tok = reasoner.tokenizer
-    embeds, mask = reasoner.prompt_inputs(prompt_ids, prompt_mask)
-    return naive_beam_search(reasoner.llm, embeds, mask, trie,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                             **kwargs)
-
-
-def beam_search_for(reasoner: LatentReasoner) -> Callable[..., list]:
-    """The engine's shared-prefix beam search, or HF generate (the oracle) with a notice
-    for a model family the Decoder does not reproduce."""
-    try:
-        Decoder(reasoner.llm)
-    except UnsupportedModelError as err:
-        print(f"notice: {err}; evaluating with HF generate (slower)", file=sys.stderr)
-        return _naive_search
-    return engine_beam_search
 
 
 def evaluate(reasoner: LatentReasoner, examples: Sequence[Example], builder: PromptBuilder,

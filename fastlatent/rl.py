@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from fastlatent.config import RLConfig
 from fastlatent.data.batch import EncodedExample, collate
 from fastlatent.data.sampling import shuffled_batches
+from fastlatent.engine.generic import step_for
 from fastlatent.engine.grpo import grpo_advantages, sample_noise
-from fastlatent.engine.steps import step_for
 from fastlatent.model.reasoner import LatentReasoner
 from fastlatent.optim import clipped_update, fitted_warmup, make_scheduler
 from fastlatent.runlog import StepLog

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from fastlatent.config import SFTConfig
 from fastlatent.data.batch import EncodedExample, collate
 from fastlatent.data.sampling import chunks, shuffled_batches
-from fastlatent.engine.steps import step_for
+from fastlatent.engine.generic import step_for
 from fastlatent.model.reasoner import LatentReasoner
 from fastlatent.optim import clipped_update, fitted_warmup, make_scheduler
 from fastlatent.runlog import StepLog

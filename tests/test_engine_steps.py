@@ -91,7 +91,7 @@ def test_unsupported_family_falls_back_to_the_straightforward_steps(capsys):
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from fastlatent.engine.steps import step_for
+    from fastlatent.engine.generic import step_for
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
     assert step_for(SimpleNamespace(llm=gpt2), "sft") is naive_sft_step

@@ -15,8 +15,8 @@ from fastlatent.config import PRESETS, RLConfig, SFTConfig, build_config
 from fastlatent.data.batch import collate
 from fastlatent.data.prompt import PromptBuilder
 from fastlatent.engine import grpo
+from fastlatent.engine.generic import step_for
 from fastlatent.engine.grpo import grpo_advantages, sample_noise
-from fastlatent.engine.steps import step_for
 from fastlatent.model.latent_ratt import LatentRATT
 from fastlatent.model.reasoner import ReasonerConfig
 from fastlatent.rl import accumulate_rl_gradients, freeze_llm, run_rl

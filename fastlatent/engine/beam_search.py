@@ -1,6 +1,6 @@
 """Trie-constrained beam search on the shared-prefix engine.
 
-Returns what :func:`fastlatent.testing.beam_search.naive_beam_search` (Hugging Face
+Returns what :func:`fastlatent.engine.generate_search.generate_beam_search` (Hugging Face
 ``generate``) returns, but encodes each prompt once with :meth:`Decoder.prefix` and runs
 the ``num_beams`` beams of a user as suffix rows over that shared prompt cache
 (:meth:`Decoder.suffix` with ``rows_per_group = num_beams``). With a latent, the first

@@ -1,18 +1,14 @@
 """Training steps on the engine: encode each prompt once, score every latent suffix
-against the shared prefix (the naive oracles are in fastlatent.testing.naive_steps)."""
+against the shared prefix (the full-sequence twins are in fastlatent.engine.generic)."""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
-from typing import Any
 
 import torch
 
 from fastlatent.data.batch import Batch
-from fastlatent.engine.decoder import Decoder, UnsupportedModelError
+from fastlatent.engine.decoder import Decoder
 from fastlatent.engine.grpo import (
     grpo_loss_given_advantages,
     latent_grpo_loss,
@@ -74,7 +70,7 @@ def rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma: float,
     One prefix pass per prompt (frozen LLM, no gradient) -> LatentRATT -> K-way expansion
     r^k = r + sigma*eps_k (eps_0 = 0) -> one suffix pass over [r^k, y] for all B*K rows
     against the shared prompt cache -> fused log-probs -> rewards and loss from that same
-    pass. Same contract as fastlatent.testing.naive_rl_step.
+    pass. Same contract as fastlatent.engine.generic.generic_rl_step.
     """
     if k < 1:
         raise ValueError(f"expected k >= 1, got {k}")
@@ -103,19 +99,3 @@ def rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma: float,
     else:  # pooled over more than this micro-batch by the caller
         loss = grpo_loss_given_advantages(token_logprobs, batch.target_mask, advantages)
     return RLStepOutput(loss, rewards, advantages, token_logprobs.detach())
-
-
-def step_for(reasoner: LatentReasoner, stage: str) -> Callable[..., Any]:
-    """The engine's ``sft_step`` / ``rl_step`` bound to one Decoder, or, for a model family
-    the Decoder does not reproduce, the straightforward full-sequence step (with a
-    one-line notice)."""
-    if stage not in ("sft", "rl"):
-        raise ValueError(f"expected stage 'sft' or 'rl', got {stage!r}")
-    try:
-        decoder = Decoder(reasoner.llm)
-    except UnsupportedModelError as err:
-        print(f"notice: {err}; using the straightforward (slower) path", file=sys.stderr)
-        from fastlatent.testing import naive_steps
-
-        return naive_steps.naive_sft_step if stage == "sft" else naive_steps.naive_rl_step
-    return partial(sft_step if stage == "sft" else rl_step, decoder=decoder)
