@@ -22,7 +22,6 @@ from fastlatent.engine.beam_search import engine_beam_search
 from fastlatent.engine.decoder import Decoder, UnsupportedModelError
 from fastlatent.engine.generate_search import generate_beam_search
 from fastlatent.engine.grpo import (
-    grpo_loss_given_advantages,
     latent_grpo_loss,
     ppl_rewards,
     sample_noise,
@@ -90,11 +89,8 @@ def generic_rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma: fl
         rows.append(torch.nn.functional.pad(logp, (0, t - n_target)))
     token_logprobs = torch.stack(rows)  # [B, K, T]
     rewards = ppl_rewards(token_logprobs, batch.target_mask[:, None, :])
-    if advantages is None:
-        loss, advantages = latent_grpo_loss(token_logprobs, batch.target_mask, rewards,
-                                            pool=pool, eps=eps)
-    else:  # pooled over more than this micro-batch by the caller
-        loss = grpo_loss_given_advantages(token_logprobs, batch.target_mask, advantages)
+    loss, advantages = latent_grpo_loss(token_logprobs, batch.target_mask, rewards, pool=pool,
+                                        eps=eps, advantages=advantages)
     return RLStepOutput(loss, rewards, advantages, token_logprobs.detach())
 
 

@@ -10,7 +10,6 @@ import torch
 from fastlatent.data.batch import Batch
 from fastlatent.engine.decoder import Decoder
 from fastlatent.engine.grpo import (
-    grpo_loss_given_advantages,
     latent_grpo_loss,
     ppl_rewards,
     sample_noise,
@@ -93,9 +92,6 @@ def rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma: float,
                          batch.target_mask.repeat_interleave(k, 0), k, backend=backend)
     token_logprobs = logp.view(b, k, -1)
     rewards = ppl_rewards(token_logprobs, batch.target_mask[:, None, :])
-    if advantages is None:
-        loss, advantages = latent_grpo_loss(token_logprobs, batch.target_mask, rewards,
-                                            pool=pool, eps=eps)
-    else:  # pooled over more than this micro-batch by the caller
-        loss = grpo_loss_given_advantages(token_logprobs, batch.target_mask, advantages)
+    loss, advantages = latent_grpo_loss(token_logprobs, batch.target_mask, rewards, pool=pool,
+                                        eps=eps, advantages=advantages)
     return RLStepOutput(loss, rewards, advantages, token_logprobs.detach())
