@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from fastlatent.errors import UserError
 
 
 def _f(default: Any, help: str, **extra: Any) -> Any:
@@ -34,6 +37,8 @@ class DataConfig:
     valid_limit: int = _f(0, "validation loss on a seeded sample of this many rows (0 = all)")
     eval_limit: int = _f(0, "evaluate a seeded sample of this many rows of the eval split "
                          "(0 = all; splits are time-sorted, so the first N would be biased)")
+    strict: bool = _f(False, "make data warnings errors (history titles missing from the "
+                      "catalogue, empty histories, evaluation rows also trained on)")
 
 
 @dataclass
@@ -87,6 +92,11 @@ class RLConfig:
 @dataclass
 class TrainConfig:
     grad_clip: float = _f(1.0, "gradient-norm clip in both stages")
+    max_nonfinite_steps: int = _f(3, "stop the run after this many optimiser steps in a row "
+                                  "whose loss, reward, advantage or gradient norm is not "
+                                  "finite (each such step is skipped, counted and logged)")
+    save_every: int = _f(100, "write a resumable training checkpoint every N optimiser steps "
+                         "(and at the end of each stage); 0 = only at the end of each stage")
 
 
 @dataclass
@@ -109,6 +119,10 @@ class RunConfig:
     checkpoint: str = _f("", "start from this saved LatentReasoner (e.g. OUTPUT_DIR/sft) "
                          "instead of --model; needed for --stage rl/eval on their own")
     seed: int = _f(42, "seed for sampling, noise and initialisation")
+    resume: bool = _f(False, "continue the run in --output-dir from its newest complete "
+                      "checkpoint (same configuration; any stage)")
+    overwrite: bool = _f(False, "start afresh in a non-empty --output-dir, deleting the "
+                         "earlier run's outputs there")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
 
 
@@ -131,14 +145,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(model="tiny-random", data="synthetic", sft_limit=0, sft_batch_size=16,
                   sft_micro_batch=8, sft_epochs=2, sft_warmup_steps=2, sft_lr=3e-3,
                   rl_batch_size=8, rl_max_steps=2, rl_warmup_steps=1, rl_lr=1e-3,
-                  eval_limit=12, num_beams=5, max_new_tokens=24),
+                  eval_limit=12, num_beams=5, max_new_tokens=24, save_every=10),
     # Sized for 2 CPU cores with the engine (benchmarks/RESULTS.md: SmolLM2-135M there does
     # an SFT step of 8 examples in ~10 s, an RL step of 8 prompts x K=8 in ~11 s, and
     # beam search at ~1.9 s per user): about 15 minutes in all.
     "cpu": dict(sft_limit=256, sft_batch_size=32, sft_micro_batch=8, sft_epochs=1,
                 sft_warmup_steps=1, sft_lr=3e-4, valid_limit=32, rl_limit=80,
                 rl_batch_size=8, rl_max_steps=10, rl_warmup_steps=1, rl_lr=1e-4,
-                eval_limit=100, eval_batch_size=8),
+                eval_limit=100, eval_batch_size=8, save_every=4),
     "paper": dict(template="latentr3", sft_batch_size=128, sft_epochs=3, sft_lr=3e-4,
                   sft_warmup_steps=20,
                   rl_batch_size=32, rl_epochs=1, rl_warmup_steps=200, rl_lr=1e-4,
@@ -171,21 +185,25 @@ def build_config(preset: str, overrides: dict[str, Any]) -> Config:
     return cfg
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration a run cannot use; the message names the flag and the fix."""
 
 
 _POSITIVE_INTS = ("sft_batch_size", "sft_micro_batch", "sft_epochs", "sft_warmup_steps",
                   "patience", "rl_batch_size", "rl_epochs", "rl_warmup_steps", "num_samples",
-                  "ratt_heads", "num_beams", "max_new_tokens", "eval_batch_size")
+                  "ratt_heads", "num_beams", "max_new_tokens", "eval_batch_size",
+                  "max_nonfinite_steps")
+# What a saved LatentReasoner fixes: with --checkpoint these come from its fastlatent.json.
+FROM_CHECKPOINT = ("model", "latent", "ratt_heads", "ratt_rope_base", "num_latents")
 _NON_NEGATIVE_INTS = ("sft_limit", "rl_limit", "valid_limit", "eval_limit", "rl_micro_batch",
-                      "rl_max_steps")
+                      "rl_max_steps", "save_every")
 _POSITIVE_FLOATS = ("sft_lr", "rl_lr", "grad_clip", "ratt_rope_base")
 
 
-def validate_config(cfg: Config) -> None:
+def validate_config(cfg: Config, explicit: Iterable[str] = ()) -> None:
     """Raise :class:`ConfigError` for a configuration that cannot train, before anything is
-    loaded (a bad value found after an hour of SFT loses the hour)."""
+    loaded (a bad value found after an hour of SFT loses the hour). ``explicit``: the
+    fields given as flags (a flag that ``--checkpoint`` would override is refused)."""
     values = {f: v for section in cfg.to_dict().values() for f, v in section.items()}
 
     def fail(name: str, fix: str) -> None:
@@ -208,6 +226,17 @@ def validate_config(cfg: Config) -> None:
                                        or values["num_latents"] < 1):
         fail("num_latents", f"expected at least 1 latent token with --latent "
              f"{values['latent']} (no latent at all is --latent none)")
+    if values["checkpoint"]:
+        for name in FROM_CHECKPOINT:
+            if name in explicit:
+                fail(name, f"the model comes from --checkpoint {values['checkpoint']} (its "
+                     f"fastlatent.json fixes {name}); drop this flag or --checkpoint")
+    if values["resume"] and values["overwrite"]:
+        fail("resume", "--resume continues the run in --output-dir, --overwrite deletes it; "
+             "give one of them")
+    if (values["resume"] or values["overwrite"]) and not values["output_dir"]:
+        fail("resume" if values["resume"] else "overwrite",
+             "needs --output-dir (the run folder to continue or replace)")
     if values["advantage"] == "group" and values["num_samples"] < 2:
         fail("num_samples", "the group advantage needs K >= 2 rows per prompt (its std is "
              "over the K rows); use --num-samples 8 or --advantage batch")

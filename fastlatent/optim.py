@@ -3,10 +3,14 @@ the release trains through the HF Trainer), warm-up that fits the run, the clipp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+from fastlatent.errors import TrainingStopped
 
 # The release's warm-up as a share of its run: SFT 20 of 1155 steps (49,251 CDs rows,
 # batch 128, 3 epochs); RL 200 of ~1,539 steps (49,251 prompts, batch 32, 1 epoch).
@@ -44,12 +48,49 @@ def make_scheduler(optimizer: torch.optim.Optimizer, stage: str, warmup: int,
 
 def clipped_update(optimizer: torch.optim.Optimizer,
                    scheduler: torch.optim.lr_scheduler.LRScheduler,
-                   params: Sequence[torch.nn.Parameter], max_norm: float) -> tuple[float, float]:
+                   params: Sequence[torch.nn.Parameter], max_norm: float, *,
+                   finite: bool = True) -> tuple[float, float, bool]:
     """Clip the gradient norm, step optimiser and schedule, clear gradients.
-    Returns (gradient norm before clipping, learning rate this step used)."""
+
+    The update is skipped (gradients cleared, optimiser and schedule untouched) when
+    ``finite`` is False (the caller saw a non-finite loss, reward or advantage) or the
+    gradient norm is not finite. Returns (gradient norm before clipping, learning rate
+    this step used, whether the update was applied)."""
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
+    applied = finite and math.isfinite(grad_norm)
+    if applied:
+        optimizer.step()
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm, lr
+    return grad_norm, lr, applied
+
+
+@dataclass
+class NonFiniteGuard:
+    """Counts skipped updates; ``limit`` in a row stops the run with the step and the
+    likely cause in the message."""
+
+    stage: str
+    limit: int
+    cause: str
+    in_a_row: int = 0
+    skipped: int = 0
+
+    def update(self, applied: bool, step: int, values: dict[str, float]) -> None:
+        if applied:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.skipped += 1
+        if self.in_a_row >= self.limit:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+            raise TrainingStopped(
+                f"{self.stage.upper()} step {step}: {self.in_a_row} optimiser steps in a row "
+                f"had a non-finite value ({shown}); each was skipped. Likely cause: "
+                f"{self.cause}. Nothing was saved from these steps; the "
+                "checkpoints before them are kept in the output folder's checkpoints/")
+
+
+def all_finite(*values: float | torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in values)

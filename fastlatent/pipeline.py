@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
+import json
+import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fastlatent.checkpoint import MODEL_DIR, LoadedCheckpoint, load_ratt_weights, newest_loadable
 from fastlatent.config import Config
+from fastlatent.data.checks import report_data
 from fastlatent.data.example import Dataset, Example
 from fastlatent.data.prompt import TEMPLATES, PromptBuilder
 from fastlatent.data.sampling import seeded_sample
 from fastlatent.data.sources import holdout_slice, item_frequencies, load_dataset
 from fastlatent.engine.decoder import UnsupportedModelError
+from fastlatent.errors import ModelLoadError
 from fastlatent.evaluate import build_title_trie, evaluate, popularity_baseline, target_nll
 from fastlatent.metrics import BASELINE, interval_relation, popular_items
 from fastlatent.model.loading import load_llm
 from fastlatent.model.reasoner import LatentReasoner, ReasonerConfig
 from fastlatent.rl import run_rl
-from fastlatent.runlog import StepLog, write_jsonl_atomic
+from fastlatent.runlog import StepLog, write_json_atomic, write_jsonl_atomic
 from fastlatent.sft import run_sft
+
+PROGRESS_FILE = "progress.json"
 
 
 @dataclass
@@ -56,8 +65,11 @@ def build_reasoner(cfg: Config, dataset: Dataset, device: torch.device) -> Laten
         words = dict(domain=dataset.domain, release_domain=cfg.data.release_domain)
         texts += [template.preamble.format(**words),
                   template.user_input.format(history="", **words)] * 8
-        llm, tokenizer = load_llm(m.model, dtype=m.dtype, tokenizer_texts=texts,
-                                  seed=cfg.run.seed)
+        try:
+            llm, tokenizer = load_llm(m.model, dtype=m.dtype, tokenizer_texts=texts,
+                                      seed=cfg.run.seed)
+        except (OSError, ValueError) as err:  # missing file, offline hub id, bad format
+            raise ModelLoadError(f"--model {m.model!r} cannot be loaded: {err}") from err
         reasoner = LatentReasoner.build(llm, tokenizer, ReasonerConfig(
             latent=m.latent, ratt_heads=m.ratt_heads, ratt_rope_base=m.ratt_rope_base,
             num_latents=m.num_latents))
@@ -71,18 +83,61 @@ def with_baseline_relation(metrics: dict[str, Any], baseline: dict[str, Any]) ->
     return {**metrics, f"hr@10_vs_{BASELINE}": relation}
 
 
+@dataclass
+class Progress:
+    """The milestones a run has finished ("sft:trained", "rl:trained") and the metrics of
+    the evaluations it has done, kept in OUTPUT_DIR/progress.json so that ``--resume``
+    skips them."""
+
+    path: Path
+    done: list[str]
+    metrics: dict[str, dict[str, Any]]
+
+    @classmethod
+    def open(cls, out: Path, *, resume: bool) -> Progress:
+        path = out / PROGRESS_FILE
+        if resume and path.is_file():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            return cls(path, saved["done"], saved["metrics"])
+        return cls(path, [], {})
+
+    def mark(self, milestone: str | None = None, metrics: dict[str, Any] | None = None,
+             stage: str | None = None) -> None:
+        if milestone:
+            self.done.append(milestone)
+        if metrics is not None and stage:
+            self.metrics[stage] = metrics
+        write_json_atomic(self.path, {"done": self.done, "metrics": self.metrics})
+
+
+def saved_predictions(out: Path, stages: Iterable[str]) -> list[dict[str, Any]]:
+    """The prediction rows of the evaluations an interrupted run already finished."""
+    path, keep = out / "predictions.jsonl", set(stages)
+    if not keep or not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return [row for row in rows if row["stage"] in keep]
+
+
 def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
-                 notes: list[str] | None = None) -> dict[str, dict[str, Any]]:
+                 notes: list[str] | None = None, *, resume: bool = False
+                 ) -> dict[str, dict[str, Any]]:
     """Run ``cfg.run.stage``; returns metrics keyed by the stage after which they were
     taken, plus ``"popular"``, the popularity baseline on the same rows. Notes for the
-    manifest (e.g. a fitted warm-up) are appended to ``notes``."""
+    manifest (e.g. a fitted warm-up) are appended to ``notes``. With ``resume``, finished
+    stages and evaluations are skipped and an interrupted stage continues from the newest
+    complete training checkpoint in ``out``."""
     notes = [] if notes is None else notes
-    seed, stage = cfg.run.seed, cfg.run.stage
+    seed, stage, dtype = cfg.run.seed, cfg.run.stage, cfg.model.dtype
+    progress = Progress.open(out, resume=resume)
+    loaded = newest_loadable(out, tqdm.write) if resume else None
     if stage in ("rl", "eval") and not cfg.run.checkpoint and cfg.model.model != "tiny-random":
         tqdm.write(f"note: --stage {stage} without --checkpoint starts from the base model "
                    f"{cfg.model.model!r}, not from an SFT checkpoint")
     dataset = load_dataset(cfg.data.data, seed=seed)
     splits = choose_splits(dataset, cfg)
+    for warning in report_data(dataset, splits.train, splits.eval, cfg.data, log):
+        notes.append(warning)
     reasoner = build_reasoner(cfg, dataset, device)
     builder = PromptBuilder(reasoner.tokenizer, template=cfg.data.template,
                             domain=dataset.domain, release_domain=cfg.data.release_domain,
@@ -92,11 +147,20 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
     log.write("data", "splits", train=len(splits.train), valid=len(splits.valid),
               eval=len(splits.eval), catalogue=len(dataset.catalogue), titles=len(trie))
     baseline = popularity_baseline(splits.train, splits.eval, popular=popular, seed=seed)
-    metrics: dict[str, dict[str, Any]] = {BASELINE: baseline.metrics}
-    predictions: list[dict[str, Any]] = []
+    metrics: dict[str, dict[str, Any]] = {BASELINE: baseline.metrics, **progress.metrics}
+    predictions = saved_predictions(out, progress.metrics)
     log.write(BASELINE, "eval", **baseline.metrics)
+    train_kwargs = dict(grad_clip=cfg.train.grad_clip, output_dir=out, log=log, seed=seed,
+                        save_every=cfg.train.save_every,
+                        max_nonfinite_steps=cfg.train.max_nonfinite_steps)
+
+    def resumed(stage_name: str) -> LoadedCheckpoint | None:
+        return loaded if loaded is not None and loaded.state.stage == stage_name else None
 
     def run_eval(name: str) -> None:
+        if name in progress.metrics:
+            tqdm.write(f"resume: evaluation after {name} already done")
+            return
         result = evaluate(reasoner, splits.eval, builder, trie, cfg.eval, popular=popular,
                           seed=seed, desc=f"eval after {name}")
         stage_metrics = with_baseline_relation(result.metrics, baseline.metrics)
@@ -110,18 +174,29 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
         predictions.extend({"stage": name, **row, "target_nll": v}
                            for row, v in zip(result.predictions, nll, strict=True))
         write_jsonl_atomic(out / "predictions.jsonl", predictions)
+        progress.mark(metrics=stage_metrics, stage=name)
         log.write(name, "eval", **stage_metrics)
 
     if stage in ("sft", "all"):
-        encode = builder.encode
-        train = [encode(ex) for ex in seeded_sample(splits.train, cfg.data.sft_limit, seed)]
-        valid = [encode(ex) for ex in splits.valid]
-        result = run_sft(reasoner, train, valid, cfg.sft, grad_clip=cfg.train.grad_clip,
-                         output_dir=out, log=log, seed=seed)
-        notes.extend(result.notes)
-        if result.epochs_run - 1 != result.best_epoch:
-            tqdm.write(f"SFT: reloading the best checkpoint (epoch {result.best_epoch + 1})")
-            reasoner = LatentReasoner.load(result.checkpoint, dtype=cfg.model.dtype).to(device)
+        if "sft:trained" in progress.done:
+            tqdm.write("resume: SFT already trained; loading its best checkpoint")
+            reasoner = LatentReasoner.load(out / "sft", dtype=dtype).to(device)
+        else:
+            sft_resume = resumed("sft")
+            if sft_resume is None:
+                seed_everything(seed)
+            else:
+                reasoner = LatentReasoner.load(sft_resume.path / MODEL_DIR,
+                                               dtype=dtype).to(device)
+            encode = builder.encode
+            train = [encode(ex) for ex in seeded_sample(splits.train, cfg.data.sft_limit, seed)]
+            valid = [encode(ex) for ex in splits.valid]
+            result = run_sft(reasoner, train, valid, cfg.sft, resume=sft_resume, **train_kwargs)
+            notes.extend(result.notes)
+            if result.epochs_run - 1 != result.best_epoch:
+                tqdm.write(f"SFT: reloading the best checkpoint (epoch {result.best_epoch + 1})")
+                reasoner = LatentReasoner.load(result.checkpoint, dtype=dtype).to(device)
+            progress.mark("sft:trained")
         run_eval("sft")
     if stage == "all" and reasoner.ratt is None:
         note = (f"RL skipped: latent={reasoner.config.latent!r} has no LatentRATT to train "
@@ -129,12 +204,27 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
         tqdm.write(note)
         notes.append(note)
     elif stage in ("rl", "all"):
-        prompts = [builder.encode(ex)
-                   for ex in seeded_sample(splits.train, cfg.data.rl_limit, seed + 1)]
-        rl_result = run_rl(reasoner, prompts, cfg.rl, grad_clip=cfg.train.grad_clip,
-                           output_dir=out, log=log, seed=seed)
-        notes.extend(rl_result.notes)
+        if "rl:trained" in progress.done:
+            tqdm.write("resume: RL already trained; loading its checkpoint")
+            load_ratt_weights(reasoner, out / "rl")
+        else:
+            rl_resume = resumed("rl")
+            if rl_resume is None:
+                seed_everything(seed + 1)
+            prompts = [builder.encode(ex)
+                       for ex in seeded_sample(splits.train, cfg.data.rl_limit, seed + 1)]
+            rl_result = run_rl(reasoner, prompts, cfg.rl, resume=rl_resume, **train_kwargs)
+            notes.extend(rl_result.notes)
+            progress.mark("rl:trained")
         run_eval("rl")
     if stage == "eval":
         run_eval("eval")
     return metrics
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch; each training stage starts from its own seed, so a
+    resumed run's stage starts as the uninterrupted run's did."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -28,6 +28,16 @@ def _check_ids(ids: torch.Tensor, mask: torch.Tensor, name: str) -> None:
                          f"({name}_mask has an all-zero row)")
 
 
+def _clear_padding(target_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """Padded target positions set to id 0 (they may hold -100, HF's ignore index); a
+    negative id at a real position is an error."""
+    real = target_mask.bool()
+    if bool((target_ids[real] < 0).any()):
+        raise ValueError("target_ids hold a negative id (e.g. -100) at a position "
+                         "target_mask marks as real; mark it 0 in target_mask or fix the id")
+    return target_ids.masked_fill(~real, 0)
+
+
 def left_align(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Move each row's real tokens to the right end, keeping their order (left padding)."""
     order = torch.argsort(mask.bool().long(), dim=1, stable=True)
@@ -41,7 +51,8 @@ def _is_right_padded(mask: torch.Tensor) -> bool:
 
 def ppl_reward(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                latents: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor, *,
-               backend: str | None = None, return_logprobs: bool = False):
+               backend: str | None = None, return_logprobs: bool = False,
+               check_finite: bool = True):
     """Reward ``-exp(mean NLL)`` of each target under each latent, from one prompt encoding.
 
     Args:
@@ -53,9 +64,12 @@ def ppl_reward(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: to
         latents: [B, K, N, d] vectors in the model's input-embedding space, placed right
             after each prompt (N latent positions per sample).
         target_ids, target_mask: [B, T] right-padded; scored exactly as masked (append EOS
-            yourself if it should count).
+            yourself if it should count). Padded positions may hold any id, including
+            Hugging Face's ignore index -100.
         backend: None/"auto", "torch" or "triton" (falls back to torch where no kernel).
         return_logprobs: also return per-token log-probs [B, K, T] (0 at padding).
+        check_finite: raise ValueError when a latent holds NaN or Inf (one device sync;
+            pass False where that sync costs too much and you check elsewhere).
 
     Returns rewards [B, K] float32, differentiable in ``latents`` when they require grad
     (the prompt pass runs without gradient), and optionally the log-probs.
@@ -77,6 +91,14 @@ def ppl_reward(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: to
     for name, t in (("prompt_ids", prompt_ids), ("latents", latents), ("target_ids", target_ids)):
         if t.device != device:
             raise ValueError(f"expected {name} on the model's device {device}, got {t.device}")
+    if check_finite:
+        bad = ~torch.isfinite(latents.detach()).all(dim=-1)  # [B, K, N]
+        if bool(bad.any()):
+            where = bad.nonzero()[0].tolist()
+            raise ValueError(f"latents hold NaN or Inf ({int(bad.sum())} of {bad.numel()} "
+                             f"vectors; first at [b, k, n] = {where}); the rewards would be "
+                             "NaN (check_finite=False skips this check)")
+    target_ids = _clear_padding(target_ids, target_mask)
     k, n = latents.shape[1], latents.shape[2]
     ids, mask = left_align(prompt_ids.long(), prompt_mask)
     tgt_ids = target_ids.long().repeat_interleave(k, 0)

@@ -15,13 +15,26 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from fastlatent.checkpoint import (
+    LoadedCheckpoint,
+    TrainingState,
+    checkpoint_after_step,
+    load_ratt_weights,
+    restore_optimisation,
+)
 from fastlatent.config import RLConfig
 from fastlatent.data.batch import EncodedExample, collate
 from fastlatent.data.sampling import shuffled_batches
 from fastlatent.engine.generic import step_for
 from fastlatent.engine.grpo import grpo_advantages, sample_noise
 from fastlatent.model.reasoner import LatentReasoner
-from fastlatent.optim import clipped_update, fitted_warmup, make_scheduler
+from fastlatent.optim import (
+    NonFiniteGuard,
+    all_finite,
+    clipped_update,
+    fitted_warmup,
+    make_scheduler,
+)
 from fastlatent.runlog import StepLog
 
 
@@ -95,7 +108,11 @@ def accumulate_rl_gradients(reasoner: LatentReasoner, batch: Sequence[EncodedExa
 
 
 def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLConfig, *,
-           grad_clip: float, output_dir: Path, log: StepLog, seed: int) -> RLResult:
+           grad_clip: float, output_dir: Path, log: StepLog, seed: int, save_every: int = 0,
+           max_nonfinite_steps: int = 3, resume: LoadedCheckpoint | None = None) -> RLResult:
+    """Train LatentRATT in place. ``resume``: an RL training checkpoint; its LatentRATT
+    weights are loaded into ``reasoner`` (which must hold the LLM RL started from) and the
+    loop continues from its step with its optimiser, schedule and RNG states."""
     if not prompts:
         raise ValueError("RL needs at least one training prompt")
     if cfg.num_samples < 1:
@@ -107,38 +124,63 @@ def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLC
     if cfg.rl_max_steps > 0:
         total_steps = min(total_steps, cfg.rl_max_steps)
     warmup, note = fitted_warmup(cfg.rl_warmup_steps, total_steps, "rl")
-    if note:
+    if note and resume is None:
         tqdm.write(f"note: {note}")
     scheduler = make_scheduler(optimizer, "rl", warmup, total_steps)
     generator = torch.Generator().manual_seed(seed)
     train_step = step_for(reasoner, "rl")
     checkpoint = output_dir / "rl"
-    log.write("rl", "start", prompts=len(prompts), total_steps=total_steps, k=cfg.num_samples,
-              sigma=cfg.sigma, advantage=cfg.advantage, warmup_steps=warmup, note=note)
-    bar = tqdm(total=total_steps, desc="RL", unit="step", dynamic_ncols=True)
-    step, first, last = 0, math.nan, math.nan
-    for epoch in range(cfg.rl_epochs):
-        for batch in shuffled_batches(prompts, cfg.rl_batch_size, seed + 1000 + epoch):
-            if step >= total_steps:
+    guard = NonFiniteGuard("rl", max_nonfinite_steps,
+                           f"the noise (--sigma {cfg.sigma:g}) or learning rate (--rl-lr "
+                           f"{cfg.rl_lr:g}) is too large, so the latent and its perplexity "
+                           "reward overflow")
+    state = TrainingState("rl", step=0, epoch=0, batch=0,
+                          extra=dict(first=math.nan, last=math.nan))
+    if resume is None:
+        log.write("rl", "start", prompts=len(prompts), total_steps=total_steps,
+                  k=cfg.num_samples, sigma=cfg.sigma, advantage=cfg.advantage,
+                  warmup_steps=warmup, note=note)
+    else:
+        load_ratt_weights(reasoner, resume.path)
+        state = restore_optimisation(resume, "rl", optimizer, scheduler, generator)
+        log.write("rl", "resume", step=state.step, epoch=state.epoch, batch=state.batch,
+                  path=str(resume.path))
+    x = state.extra
+    bar = tqdm(total=total_steps, initial=state.step, desc="RL", unit="step",
+               dynamic_ncols=True)
+    while state.epoch < cfg.rl_epochs and state.step < total_steps:
+        epoch = state.epoch
+        batches = list(shuffled_batches(prompts, cfg.rl_batch_size, seed + 1000 + epoch))
+        for batch in batches[state.batch:]:
+            if state.step >= total_steps:
                 break
             out = accumulate_rl_gradients(reasoner, batch, cfg, train_step, generator)
-            grad_norm, lr = clipped_update(optimizer, scheduler, params, grad_clip)
-            step += 1
+            finite = all_finite(out.loss, out.rewards, out.advantages)
+            grad_norm, lr, applied = clipped_update(optimizer, scheduler, params, grad_clip,
+                                                    finite=finite)
+            state.step, state.batch = state.step + 1, state.batch + 1
             reward0 = float(out.rewards[:, 0].mean())
-            reward = float(out.rewards.mean())
-            first = reward0 if step == 1 else first
-            last = reward0
+            x["first"] = reward0 if state.step == 1 else x["first"]
+            x["last"] = reward0
             bar.update(1)
             bar.set_postfix(loss=f"{out.loss:.4f}", reward=f"{reward0:.3f}")
             noisy = out.advantages[:, 1:]
-            log.write("rl", "step", step=step, epoch=epoch, loss=out.loss, reward_r0=reward0,
-                      reward_all=reward,
+            log.write("rl", "step", step=state.step, epoch=epoch, loss=out.loss,
+                      reward_r0=reward0, reward_all=float(out.rewards.mean()),
                       reward_std_within=float(out.rewards.std(dim=1).mean())
                       if cfg.num_samples > 1 else 0.0,
                       mean_noisy_advantage=float(noisy.mean()) if noisy.numel() else 0.0,
-                      grad_norm=grad_norm, lr=lr, prompts=len(batch))
-        reasoner.save(checkpoint)
-        if step >= total_steps:
-            break
+                      grad_norm=grad_norm, lr=lr, prompts=len(batch), skipped=not applied)
+            guard.update(applied, state.step, {"loss": out.loss, "reward_r0": reward0,
+                                               "grad_norm": grad_norm})
+            done = state.step >= total_steps or state.batch == len(batches)
+            if done:
+                state.epoch, state.batch = (epoch + 1, 0) if state.batch == len(batches) \
+                    else (epoch, state.batch)
+                reasoner.save(checkpoint)
+            checkpoint_after_step(output_dir, state, reasoner, optimizer, scheduler,
+                                  save_every=save_every, log=log, generator=generator,
+                                  final=done)
     bar.close()
-    return RLResult(step, first, last, checkpoint, warmup, [note] if note else [])
+    return RLResult(state.step, x["first"], x["last"], checkpoint, warmup,
+                    [note] if note else [])

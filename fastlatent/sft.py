@@ -15,12 +15,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from fastlatent.checkpoint import (
+    LoadedCheckpoint,
+    TrainingState,
+    checkpoint_after_step,
+    restore_optimisation,
+)
 from fastlatent.config import SFTConfig
 from fastlatent.data.batch import EncodedExample, collate
 from fastlatent.data.sampling import chunks, shuffled_batches
 from fastlatent.engine.generic import step_for
+from fastlatent.errors import TrainingStopped
 from fastlatent.model.reasoner import LatentReasoner
-from fastlatent.optim import clipped_update, fitted_warmup, make_scheduler
+from fastlatent.optim import NonFiniteGuard, clipped_update, fitted_warmup, make_scheduler
 from fastlatent.runlog import StepLog
 
 
@@ -69,10 +76,14 @@ def accumulate_sft_gradients(reasoner: LatentReasoner, batch: Sequence[EncodedEx
 
 def run_sft(reasoner: LatentReasoner, train: Sequence[EncodedExample],
             valid: Sequence[EncodedExample], cfg: SFTConfig, *, grad_clip: float,
-            output_dir: Path, log: StepLog, seed: int) -> SFTResult:
+            output_dir: Path, log: StepLog, seed: int, save_every: int = 0,
+            max_nonfinite_steps: int = 3, resume: LoadedCheckpoint | None = None
+            ) -> SFTResult:
     """Train in place; returns where the best checkpoint (by validation loss) lies.
 
     The model in memory is the LAST epoch's; load the checkpoint for the best one.
+    ``resume``: an SFT training checkpoint whose model ``reasoner`` already is; the loop
+    continues from its step with its optimiser, schedule and RNG states.
     """
     if not train:
         raise ValueError("SFT needs at least one training example")
@@ -85,39 +96,69 @@ def run_sft(reasoner: LatentReasoner, train: Sequence[EncodedExample],
     steps_per_epoch = math.ceil(len(train) / cfg.sft_batch_size)
     total_steps = steps_per_epoch * cfg.sft_epochs
     warmup, note = fitted_warmup(cfg.sft_warmup_steps, total_steps, "sft")
-    if note:
+    if note and resume is None:
         tqdm.write(f"note: {note}")
     scheduler = make_scheduler(optimizer, "sft", warmup, total_steps)
     train_step = step_for(reasoner, "sft")
     checkpoint = output_dir / "sft"
-    best, best_epoch, bad_epochs, step, epoch = math.inf, -1, 0, 0, 0
-    log.write("sft", "start", train=len(train), valid=len(valid), total_steps=total_steps,
-              warmup_steps=warmup, note=note)
-    for epoch in range(cfg.sft_epochs):
+    guard = NonFiniteGuard("sft", max_nonfinite_steps,
+                           f"the learning rate (--sft-lr {cfg.sft_lr:g}) is too high for "
+                           "this model, or its weights/data hold non-finite values")
+    state = TrainingState("sft", step=0, epoch=0, batch=0, extra=dict(
+        best=math.inf, best_epoch=-1, bad_epochs=0, stopped=False))
+    if resume is None:
+        log.write("sft", "start", train=len(train), valid=len(valid),
+                  total_steps=total_steps, warmup_steps=warmup, note=note)
+    else:
+        state = restore_optimisation(resume, "sft", optimizer, scheduler)
+        log.write("sft", "resume", step=state.step, epoch=state.epoch, batch=state.batch,
+                  path=str(resume.path))
+    x = state.extra
+
+    def save(final: bool = False) -> None:
+        checkpoint_after_step(output_dir, state, reasoner, optimizer, scheduler,
+                              save_every=save_every, log=log, final=final)
+
+    while state.epoch < cfg.sft_epochs and not x["stopped"]:
+        epoch = state.epoch
         reasoner.train()
-        bar = tqdm(shuffled_batches(train, cfg.sft_batch_size, seed + epoch),
-                   total=steps_per_epoch, desc=f"SFT epoch {epoch + 1}/{cfg.sft_epochs}",
-                   unit="step", dynamic_ncols=True)
+        batches = list(shuffled_batches(train, cfg.sft_batch_size, seed + epoch))
+        bar = tqdm(batches[state.batch:], initial=state.batch, total=steps_per_epoch,
+                   desc=f"SFT epoch {epoch + 1}/{cfg.sft_epochs}", unit="step",
+                   dynamic_ncols=True)
         for batch in bar:
             loss, n_tokens = accumulate_sft_gradients(reasoner, batch, cfg.sft_micro_batch,
                                                       train_step)
-            grad_norm, lr = clipped_update(optimizer, scheduler, params, grad_clip)
-            step += 1
+            grad_norm, lr, applied = clipped_update(optimizer, scheduler, params, grad_clip,
+                                                    finite=math.isfinite(loss))
+            state.step, state.batch = state.step + 1, state.batch + 1
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            log.write("sft", "step", step=step, epoch=epoch, loss=loss, grad_norm=grad_norm,
-                      lr=lr, examples=len(batch), tokens=n_tokens)
+            log.write("sft", "step", step=state.step, epoch=epoch, loss=loss,
+                      grad_norm=grad_norm, lr=lr, examples=len(batch), tokens=n_tokens,
+                      skipped=not applied)
+            guard.update(applied, state.step, {"loss": loss, "grad_norm": grad_norm})
+            if state.batch < steps_per_epoch:
+                save()
+        bar.close()
         valid_loss = validation_loss(reasoner, valid, cfg.sft_micro_batch)
-        improved = valid_loss < best
+        if not math.isfinite(valid_loss):
+            raise TrainingStopped(
+                f"SFT epoch {epoch + 1} (step {state.step}): the validation loss is "
+                f"{valid_loss} — the model diverged; lower --sft-lr ({cfg.sft_lr:g}) "
+                "and start again")
+        improved = valid_loss < x["best"]
         log.write("sft", "epoch", epoch=epoch, valid_loss=valid_loss, improved=improved)
         tqdm.write(f"SFT epoch {epoch + 1}: validation loss {valid_loss:.4f}"
                    + (" (best, saved)" if improved else ""))
         if improved:
-            best, best_epoch, bad_epochs = valid_loss, epoch, 0
+            x.update(best=valid_loss, best_epoch=epoch, bad_epochs=0)
             reasoner.save(checkpoint)
         else:
-            bad_epochs += 1
-            if bad_epochs >= cfg.patience:
+            x["bad_epochs"] += 1
+            if x["bad_epochs"] >= cfg.patience:
                 tqdm.write(f"SFT: early stop after epoch {epoch + 1} (patience {cfg.patience})")
-                break
-    return SFTResult(best, best_epoch, epoch + 1, step, checkpoint, warmup,
+                x["stopped"] = True
+        state.epoch, state.batch = epoch + 1, 0
+        save(final=True)  # the epoch's end: validation done, best model on disk
+    return SFTResult(x["best"], x["best_epoch"], state.epoch, state.step, checkpoint, warmup,
                      [note] if note else [])

@@ -10,18 +10,31 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
+import json
+import os
 import platform
-import random
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from fastlatent.config import PRESETS, Config, ConfigError, build_config, validate_config
+from fastlatent import shutdown
+from fastlatent.checkpoint import remove_partial_checkpoints
+from fastlatent.config import (
+    FROM_CHECKPOINT,
+    PRESETS,
+    Config,
+    ConfigError,
+    build_config,
+    field_owner,
+    validate_config,
+)
+from fastlatent.errors import UserError
 from fastlatent.metrics import BASELINE
+from fastlatent.model.reasoner import read_checkpoint_config
+from fastlatent.rundir import RunFolder
 from fastlatent.runlog import StepLog, write_json_atomic
 
 METRIC_KEYS = ("hr@5", "hr@10", "ndcg@5", "ndcg@10")
@@ -57,15 +70,55 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs: dict[str, Any] = {"help": f"{f.metadata['help']} (default: {default!r})"}
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
-            kwargs["type"] = type(default)
+            if isinstance(default, bool):
+                kwargs["action"] = "store_true"
+            else:
+                kwargs["type"] = type(default)
             group.add_argument(_flag(f.name), dest=f.name, **kwargs)
     return parser
 
 
-def parse_config(argv: list[str] | None) -> Config:
+def parse_args(argv: list[str] | None) -> tuple[Config, set[str]]:
+    """The configuration and the names of the fields given as flags."""
     overrides = vars(build_parser().parse_args(argv))
     preset = overrides.pop("preset", "") or ("paper" if torch.cuda.is_available() else "cpu")
-    return build_config(preset, overrides)
+    return build_config(preset, overrides), set(overrides)
+
+
+def parse_config(argv: list[str] | None) -> Config:
+    return parse_args(argv)[0]
+
+
+# Flags a resumed run may change: where it runs, not what it computes.
+RESUME_MAY_CHANGE = frozenset({"resume", "output_dir", "device", "save_every"})
+
+
+def resumed_config(cfg: Config, explicit: set[str]) -> Config:
+    """The configuration of the run in ``--output-dir`` (from its run.json); flags given
+    with ``--resume`` must agree with it, or the resumed run would not be that run."""
+    manifest = Path(cfg.run.output_dir) / "run.json"
+    try:
+        saved = json.loads(manifest.read_text(encoding="utf-8"))["config"]
+    except FileNotFoundError:
+        raise ConfigError(f"--resume: {manifest} does not exist, so there is no run to "
+                          "continue in --output-dir; drop --resume to start one") from None
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"--resume: {manifest} is unreadable ({err})") from None
+    resumed = build_config(saved["run"]["preset"], {
+        name: value for section in saved.values() for name, value in section.items()
+        if name != "preset"})
+    owner = field_owner()
+    for name in sorted(explicit - RESUME_MAY_CHANGE):
+        given = getattr(getattr(cfg, owner[name]), name)
+        if given != getattr(getattr(resumed, owner[name]), name):
+            raise ConfigError(
+                f"--{name.replace('_', '-')} {given!r}: the run being resumed used "
+                f"{getattr(getattr(resumed, owner[name]), name)!r}; a resumed run keeps its "
+                "configuration (drop the flag, or start a new run in another --output-dir)")
+    for name in RESUME_MAY_CHANGE & explicit:
+        setattr(getattr(resumed, owner[name]), name, getattr(getattr(cfg, owner[name]), name))
+    resumed.run.resume = True
+    return resumed
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,12 +128,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
     return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def git_commit() -> str | None:
@@ -129,41 +176,102 @@ def format_table(metrics: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def take_model_from_checkpoint(cfg: Config) -> None:
+    """Record in ``cfg`` the model settings ``--checkpoint`` fixes (its fastlatent.json),
+    so run.json says what was used; an unreadable checkpoint is an error here, before
+    anything loads."""
+    meta = read_checkpoint_config(cfg.run.checkpoint)
+    cfg.model.model = f"checkpoint:{cfg.run.checkpoint}"
+    for name in FROM_CHECKPOINT:
+        if name in meta:
+            setattr(cfg.model, name, meta[name])
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat()
+
+
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
+    """Exit codes: 0 done, 1 an expected error (one line on stderr), 2 a configuration or
+    output-folder error before anything ran, 128+N stopped by signal N (resumable)."""
     try:
-        validate_config(cfg)
-    except ConfigError as err:
+        cfg, explicit = parse_args(argv)
+        if cfg.run.resume and cfg.run.output_dir:
+            cfg = resumed_config(cfg, explicit)
+        validate_config(cfg, explicit)
+        device = resolve_device(cfg.run.device)
+        if cfg.run.checkpoint:
+            take_model_from_checkpoint(cfg)
+    except (UserError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from fastlatent.pipeline import run_pipeline
-
     run = cfg.run
     out = Path(run.output_dir or
                f"runs/{run.preset}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(run.device)
-    seed_everything(run.seed)
-    manifest = {"argv": sys.argv[1:] if argv is None else list(argv), "config": cfg.to_dict(),
-                "preset_values": PRESETS.get(run.preset, {}), "seed": run.seed,
-                "device": str(device), "git_commit": git_commit(),
-                "versions": package_versions(),
-                "started": _dt.datetime.now(_dt.timezone.utc).isoformat()}
+    try:
+        folder = RunFolder.open(out, resume=run.resume, overwrite=run.overwrite)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with folder, shutdown.handle_signals():
+        return run_in_folder(cfg, folder, device, argv)
+
+
+def run_in_folder(cfg: Config, folder: RunFolder, device: torch.device,
+                  argv: list[str] | None) -> int:
+    from fastlatent.pipeline import run_pipeline, seed_everything
+
+    run, out = cfg.run, folder.path
+    for leftover in remove_partial_checkpoints(out):
+        print(f"note: removed {leftover}, left by a run that did not finish writing it")
+    segment = {"argv": sys.argv[1:] if argv is None else list(argv), "started": _now(),
+               "pid": os.getpid(), "resumed": run.resume, "git_commit": git_commit(),
+               "versions": package_versions(), "device": str(device)}
+    manifest = folder.earlier or {
+        "run_id": folder.run_id, "argv": segment["argv"], "config": cfg.to_dict(),
+        "preset_values": PRESETS.get(run.preset, {}), "seed": run.seed,
+        "device": str(device), "git_commit": segment["git_commit"],
+        "versions": segment["versions"], "started": segment["started"]}
+    manifest.setdefault("run_id", folder.run_id)
+    manifest.setdefault("segments", []).append(segment)
+    manifest["status"] = "running"
+
+    def finish(status: str, **fields: Any) -> None:
+        segment.update(ended=_now(), status=status, **fields)
+        manifest["status"] = status
+        write_json_atomic(out / "run.json", manifest)
+
     write_json_atomic(out / "run.json", manifest)
-    print(f"fastlatent: preset {run.preset}, stage {run.stage}, model {cfg.model.model}, "
-          f"data {cfg.data.data}, device {device}, output {out}")
+    verb = "resuming" if run.resume else "fastlatent:"
+    print(f"{verb} run {folder.run_id}: preset {run.preset}, stage {run.stage}, model "
+          f"{cfg.model.model}, data {cfg.data.data}, device {device}, output {out}")
     if run.preset == "cpu":
         print(demo_note(cfg))
-    log = StepLog(out / "log.jsonl")
+    seed_everything(run.seed)
+    log = StepLog(out / "log.jsonl", run_id=folder.run_id)
     notes: list[str] = []
     try:
-        metrics = run_pipeline(cfg, out, device, log, notes)
+        metrics = run_pipeline(cfg, out, device, log, notes, resume=run.resume)
+    except shutdown.Interrupted as stop:
+        log.write("run", "interrupted", signal=stop.signum, message=str(stop))
+        finish("interrupted", message=str(stop), notes=notes)
+        print(f"fastlatent: {stop}. Continue with: python -m fastlatent.train --resume "
+              f"--output-dir {out}", file=sys.stderr)
+        return 128 + stop.signum
+    except UserError as err:
+        log.write("run", "failed", message=str(err))
+        finish("failed", message=str(err), notes=notes)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except BaseException as err:
+        finish("failed", message=f"{type(err).__name__}: {err}", notes=notes)
+        raise
     finally:
         log.close()
     write_json_atomic(out / "metrics.json", metrics)
-    manifest["notes"] = notes
-    manifest["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
-    write_json_atomic(out / "run.json", manifest)
+    manifest["notes"] = manifest.get("notes", []) + notes
+    manifest["finished"] = _now()
+    finish("complete")
     if metrics:
         print(format_table(metrics))
     if run.preset == "cpu":

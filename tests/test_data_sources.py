@@ -249,6 +249,15 @@ def bad_row(column: str, value: str) -> list[str]:
     (bad_row("item_id", "99"), "item_id 99 is 'no item'"),
     (bad_row("item_id", "two"), "expected an integer item_id, got 'two'"),
     (bad_row("timestamp", "noon"), "expected an integer timestamp, got 'noon'"),
+    (bad_row("history_item_title", "['Kansas' 'Monolith']"),
+     r"two strings with no comma between them \('Kansas' 'Monolith'\).*add the comma"),
+    (bad_row("history_item_title", "['Kansas', 'Monolith'  \"Kansas\"]"),
+     "two strings with no comma"),
+    (bad_row("history_item_id", "[1, 2]"),
+     "history_item_id has 2 ids but history_item_title has 1 titles"),
+    (bad_row("history_item_id", "['1']"), "history_item_id must be a Python list literal "
+                                          "of integers"),
+    (bad_row("history_item_id", "[True]"), "must be a Python list literal of integers"),
 ])
 def test_bad_row_names_file_and_row(tmp_path, cells, message):
     rows = {"valid": [row("u1", [1], 2, 100), row("u1", [2], 1, 101), cells]}
@@ -256,6 +265,28 @@ def test_bad_row_names_file_and_row(tmp_path, cells, message):
     with pytest.raises(DataError, match=message) as err:
         load_csv_dir(root)
     assert f"valid/{NAME}.csv, data row 3 (line 4)" in str(err.value)
+
+
+def test_empty_strings_and_quotes_in_titles_are_not_joined_strings(tmp_path):
+    titles = ["", "It's", 'Say "Hi"']
+    rows = {"test": [[str(titles), "Kansas"]]}
+    root = write_csv_dir(tmp_path / "d", rows, header=["history_item_title", "item_title"])
+    assert load_csv_dir(root).split("test")[0].history == tuple(titles)
+
+
+@pytest.mark.parametrize("where", ["csv", "info"])
+def test_non_utf8_bytes_name_file_line_and_row(tmp_path, where):
+    rows = {"valid": [row("u1", [1], 2, 100), row("u1", [2], 1, 101), row("u2", [0], 1, 102)]}
+    root = write_csv_dir(tmp_path / "d", rows)
+    path = root / "valid" / f"{NAME}.csv" if where == "csv" else root / "info" / f"{NAME}.txt"
+    lines = path.read_bytes().split(b"\n")
+    lines[2] = "é".encode("latin-1") + lines[2]
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(DataError, match="not UTF-8.*iconv") as err:
+        load_csv_dir(root)
+    expected = (f"valid/{NAME}.csv, data row 2 (line 3)" if where == "csv"
+                else f"info/{NAME}.txt, line 3")
+    assert expected in str(err.value)
 
 
 def test_missing_required_column(tmp_path):

@@ -120,3 +120,32 @@ def test_other_families_go_through_their_own_forward(capsys):
     with torch.no_grad():
         ref, _ = naive_rewards(gpt2, prompts, targets, latents)
     torch.testing.assert_close(rewards, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ignore_index_in_padded_targets_is_accepted(llm):
+    """Hugging Face pads labels with -100; those positions are not scored."""
+    prompts, targets, latents = make_case()
+    pid, pmask = pad(prompts, "left")
+    tid, tmask = pad(targets, "right")
+    hf_labels = tid.masked_fill(tmask == 0, -100)
+    assert bool((hf_labels == -100).any())
+    expected = fastlatent.ppl_reward(llm, pid, pmask, latents, tid, tmask)
+    got = fastlatent.ppl_reward(llm, pid, pmask, latents, hf_labels, tmask)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    real_minus_100 = tid.clone()
+    real_minus_100[0, 0] = -100
+    with pytest.raises(ValueError, match="-100"):
+        fastlatent.ppl_reward(llm, pid, pmask, latents, real_minus_100, tmask)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_latents_are_a_clear_error_unless_unchecked(llm, bad):
+    prompts, targets, latents = make_case()
+    pid, pmask = pad(prompts, "left")
+    tid, tmask = pad(targets, "right")
+    latents[1, 2, 0, 7] = bad
+    with pytest.raises(ValueError, match=r"NaN or Inf .*first at \[b, k, n\] = \[1, 2, 0\]"):
+        fastlatent.ppl_reward(llm, pid, pmask, latents, tid, tmask)
+    rewards = fastlatent.ppl_reward(llm, pid, pmask, latents, tid, tmask, check_finite=False)
+    assert not bool(torch.isfinite(rewards[1, 2]))  # what the check exists to prevent
+    assert bool(torch.isfinite(rewards[0]).all())

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from fastlatent.errors import CheckpointError
 from fastlatent.model.reasoner import CONFIG_FILE, LatentReasoner
 
 
@@ -45,7 +46,7 @@ def test_save_load_round_trip(tiny_reasoner, tiny_batch, tmp_path):
 
 
 def test_load_rejects_bad_checkpoints(tmp_path, tiny_reasoner):
-    with pytest.raises(FileNotFoundError, match="not a fastlatent checkpoint"):
+    with pytest.raises(CheckpointError, match="not a fastlatent checkpoint"):
         LatentReasoner.load(tmp_path)
     path = tiny_reasoner.save(tmp_path / "ckpt")
     meta = json.loads((path / CONFIG_FILE).read_text())

@@ -109,12 +109,17 @@ def test_smoke_on_csv_data_trained_on_valid(tmp_path):
     assert splits["train"] + splits["valid"] == 24 and splits["valid"] >= 1
 
 
-def test_missing_split_is_a_clear_error(tmp_path):
+def test_missing_split_is_one_clear_line_and_a_failed_run(tmp_path, capsys):
     titles = ["One", "Two", "Three", "Four"]
     write_csv_dir(tmp_path / "data", ["valid", "test"], titles, rows_per_split=4)
-    with pytest.raises(ValueError, match="no split 'train'"):
-        main(["--preset", "smoke", "--data", f"csv:{tmp_path / 'data'}",
-              "--output-dir", str(tmp_path / "run")])
+    out = tmp_path / "run"
+    assert main(["--preset", "smoke", "--data", f"csv:{tmp_path / 'data'}",
+                 "--output-dir", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no split 'train'" in err[0] and "--train-split" in err[0], err
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "failed" and "no split" in manifest["segments"][-1]["message"]
+    assert not (out / ".fastlatent.lock").exists()  # the lock is released on failure
 
 
 @pytest.mark.parametrize("flags, named", [

@@ -134,7 +134,9 @@ def test_rl_micro_batches_accumulate_to_the_full_batch_gradient(tiny_reasoner, e
     # on O(1) advantages. A dropped micro-batch weight is off by a factor of 2-7.
     torch.testing.assert_close(out.advantages, full.advantages, rtol=0, atol=1e-3)
     assert out.loss == pytest.approx(full.loss, rel=0, abs=1e-4)  # a cancelling sum
-    assert_same_gradients(out_grads, full_grads, rtol=0, atol=2e-4)
+    # The same ~1e-4 advantage differences reach the gradients (2.4e-4 of the largest entry
+    # seen); the dropped weight is off by 50-600%.
+    assert_same_gradients(out_grads, full_grads, rtol=0, atol=5e-4)
 
     d = tiny_reasoner.llm.config.hidden_size
     noise = sample_noise(len(batch), 4, d, generator=torch.Generator().manual_seed(3))

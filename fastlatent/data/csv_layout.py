@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import ast
 import csv
+import io
+import re
+import tokenize
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastlatent.data.example import Catalogue, Dataset, Example
+from fastlatent.errors import DataError
+
+__all__ = ["DataError", "load_csv_dir", "read_info_file", "read_split_csv"]
 
 SPLIT_NAMES = ("train", "valid", "test")
 REQUIRED_COLUMNS = ("history_item_title", "item_title")
 MAX_HISTORY = 10
 _CSV_FIELD_LIMIT = 2**31 - 1  # the largest value csv accepts on every platform
-
-
-class DataError(ValueError):
-    """Input data that cannot be read; the message names the file, the place and the fix."""
+_MAYBE_JOINED = re.compile(r"['\"]\s*['\"]")  # a quote, maybe spaces, a quote
 
 
 @dataclass(frozen=True)
@@ -78,20 +81,19 @@ def domain_for(name: str) -> str:
 def read_info_file(path: Path) -> Catalogue:
     """Parse ``title<TAB>id`` lines (ids exactly 0..N-1, any order); blank lines are skipped."""
     titles_by_id: dict[int, str] = {}
-    with open(path, encoding="utf-8-sig", newline="\n") as f:
-        for line_no, text in enumerate(f, start=1):
-            text = text.rstrip("\r\n")
-            if not text:
-                continue
-            title, tab, id_text = text.rpartition("\t")
-            where = f"{path}, line {line_no}"
-            if not tab:
-                raise DataError(f"{where}: expected 'title<TAB>id', got {text!r}")
-            item = _parse_int(id_text, where, "item id")
-            if item < 0 or item in titles_by_id:
-                raise DataError(f"{where}: expected a new item id >= 0, got {item} "
-                                f"(ids must be unique and cover 0..N-1)")
-            titles_by_id[item] = title
+    for line_no, text in enumerate(read_utf8(path).split("\n"), start=1):
+        text = text.rstrip("\r")
+        if not text:
+            continue
+        title, tab, id_text = text.rpartition("\t")
+        where = f"{path}, line {line_no}"
+        if not tab:
+            raise DataError(f"{where}: expected 'title<TAB>id', got {text!r}")
+        item = _parse_int(id_text, where, "item id")
+        if item < 0 or item in titles_by_id:
+            raise DataError(f"{where}: expected a new item id >= 0, got {item} "
+                            f"(ids must be unique and cover 0..N-1)")
+        titles_by_id[item] = title
     if not titles_by_id:
         raise DataError(f"{path}: no items; expected one 'title<TAB>id' line per item")
     absent = [i for i in range(len(titles_by_id)) if i not in titles_by_id]
@@ -112,7 +114,7 @@ def read_split_csv(path: Path, catalogue: Catalogue, *, info_path: Path) -> list
     csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
     titles = frozenset(catalogue.titles)
     examples = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with io.StringIO(read_utf8(path, csv_rows=True), newline="") as f:
         reader = csv.reader(f)
         try:
             columns = _header(next(reader, None), path)
@@ -126,6 +128,27 @@ def read_split_csv(path: Path, catalogue: Catalogue, *, info_path: Path) -> list
     if not examples:
         raise DataError(f"{path}: no data rows; expected at least one sample below the header")
     return examples
+
+
+def read_utf8(path: Path, *, csv_rows: bool = False) -> str:
+    """The file's text (a UTF-8 BOM dropped); bytes that are not UTF-8 are a
+    :class:`DataError` naming the line (and, for a CSV, the data row)."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        where = f"{path}, line {line}"
+        if csv_rows:
+            before = data[:data.rfind(b"\n", 0, err.start) + 1].decode("utf-8-sig")
+            records = sum(1 for row in csv.reader(io.StringIO(before, newline="")) if row)
+            where = f"{path}, data row {max(records, 1)} (line {line})"
+        raise DataError(f"{where}: bytes {data[err.start:err.start + 4]!r} are not UTF-8 "
+                        "(the file is in another encoding); re-save it as UTF-8, e.g. "
+                        "iconv -f latin1 -t utf-8") from None
 
 
 def _expected_layout(root: Path) -> str:
@@ -190,6 +213,13 @@ def _example(row: list[str], header: _Columns, where: str, catalogue: Catalogue,
                         f"got {len(row)}")
     columns = header.index
     history = _title_list(row[columns["history_item_title"]], where)
+    if "history_item_id" in columns:
+        ids = _literal_list(row[columns["history_item_id"]], where, "history_item_id", int,
+                            "[12, 7]")
+        if len(ids) != len(history):
+            raise DataError(f"{where}: history_item_id has {len(ids)} ids but "
+                            f"history_item_title has {len(history)} titles; the two lists "
+                            "must describe the same items, one id per title")
     target = row[columns["item_title"]]
     if target not in titles:
         raise DataError(f"{where}: item_title {target!r} is not in the catalogue {info_path}; "
@@ -211,15 +241,38 @@ def _example(row: list[str], header: _Columns, where: str, catalogue: Catalogue,
 
 def _title_list(text: str, where: str) -> list[str]:
     """A ``history_item_title`` cell: a Python list literal of strings."""
+    return _literal_list(text, where, "history_item_title", str, "['A', 'B']")
+
+
+def _literal_list(text: str, where: str, column: str, kind: type, example: str) -> list:
+    """A list-literal cell whose elements are all ``kind`` (ints for ids: not bools)."""
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError, MemoryError, RecursionError):
         value = None
-    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+    if not isinstance(value, list) or not all(
+            isinstance(v, kind) and not isinstance(v, bool) for v in value):
         shown = text if len(text) <= 80 else text[:77] + "..."
-        raise DataError(f"{where}: history_item_title must be a Python list literal of "
-                        f"strings such as ['A', 'B'], got {shown!r}")
+        noun = {str: "strings", int: "integers"}[kind]
+        raise DataError(f"{where}: {column} must be a Python list literal of {noun} such "
+                        f"as {example}, got {shown!r}")
+    if kind is str and _MAYBE_JOINED.search(text):  # a cheap filter before tokenizing
+        _refuse_joined_strings(text, where, column)
     return value
+
+
+def _refuse_joined_strings(text: str, where: str, column: str) -> None:
+    """``['a' 'b']`` parses as ``['ab']`` (Python joins adjacent strings): refuse it."""
+    previous = None
+    for token in tokenize.generate_tokens(io.StringIO(text).readline):
+        if token.type in (tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT):
+            continue
+        if token.type == tokenize.STRING and previous is not None \
+                and previous.type == tokenize.STRING:
+            raise DataError(f"{where}: {column} has two strings with no comma between them "
+                            f"({previous.string} {token.string}), which Python would join "
+                            "into one title; add the comma")
+        previous = token
 
 
 def _parse_int(text: str, where: str, what: str) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fastlatent.errors import DataError
+
 
 @dataclass(frozen=True)
 class Example:
@@ -48,7 +50,7 @@ class Dataset:
 
     def split(self, name: str) -> list[Example]:
         if name not in self.splits:
-            raise ValueError(
+            raise DataError(
                 f"dataset {self.name!r} has no split {name!r}; available: {sorted(self.splits)}"
-            )
+                " (choose one with --train-split / --eval-split)")
         return self.splits[name]

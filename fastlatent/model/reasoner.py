@@ -7,6 +7,7 @@ from the LLM's final-norm hidden states of the prompt without that column.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from torch import nn
 
 from fastlatent.data.batch import positions_from_mask
 from fastlatent.data.tokenizer import THOUGHT_TOKEN, add_thought_token
+from fastlatent.errors import CheckpointError
 from fastlatent.model.latent_ratt import LatentRATT
 from fastlatent.ops.latent_attention import last_real_index
 
@@ -217,21 +219,47 @@ class LatentReasoner(nn.Module):
         from fastlatent.model.loading import DTYPES
 
         src = Path(directory)
-        if not (src / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{src} is not a fastlatent checkpoint (no {CONFIG_FILE}); "
-                                    "pass the directory LatentReasoner.save wrote")
-        meta = json.loads((src / CONFIG_FILE).read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{src}: checkpoint format {meta.get('format_version')} is not "
-                             f"the supported {FORMAT_VERSION}")
+        meta = read_checkpoint_config(src)
         hidden_size = meta.pop("hidden_size")
         meta.pop("format_version")
         config = ReasonerConfig(**meta)
         kwargs = {"dtype": DTYPES[dtype]} if dtype else {}
-        llm = AutoModelForCausalLM.from_pretrained(src / LLM_DIR, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(src / LLM_DIR)
+        try:
+            llm = AutoModelForCausalLM.from_pretrained(src / LLM_DIR, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(src / LLM_DIR)
+        except Exception as err:  # transformers/safetensors raise many types here
+            raise CheckpointError(f"{src / LLM_DIR}: the checkpoint's LLM cannot be loaded "
+                                  f"({type(err).__name__}: {err})") from None
         ratt = None
         if config.latent == "ratt":
             ratt = LatentRATT(hidden_size, config.ratt_heads, config.ratt_rope_base)
-            ratt.load_state_dict(load_file(str(src / RATT_FILE)))
+            try:
+                ratt.load_state_dict(load_file(str(src / RATT_FILE)))
+            except Exception as err:
+                raise CheckpointError(f"{src / RATT_FILE}: LatentRATT cannot be loaded "
+                                      f"({type(err).__name__}: {err})") from None
         return cls(llm, tokenizer, config, ratt)
+
+
+def read_checkpoint_config(directory: str | os.PathLike) -> dict:
+    """The ``fastlatent.json`` of a saved LatentReasoner, checked; a missing, truncated or
+    foreign file is a :class:`CheckpointError` naming it."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{Path(directory)} is not a fastlatent checkpoint (no "
+                              f"{CONFIG_FILE}); pass the directory LatentReasoner.save wrote, "
+                              "e.g. OUTPUT_DIR/sft")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err}); the checkpoint is damaged") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path}: checkpoint format {version} is not the supported "
+                              f"{FORMAT_VERSION}")
+    fields = {f.name for f in dataclasses.fields(ReasonerConfig)}
+    unknown = set(meta) - fields - {"format_version", "hidden_size"}
+    if unknown or "hidden_size" not in meta:
+        raise CheckpointError(f"{path}: unexpected contents (unknown keys {sorted(unknown)} "
+                              f"or no hidden_size); the checkpoint is damaged")
+    return meta

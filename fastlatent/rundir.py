@@ -1,0 +1,118 @@
+"""One run per output folder: a lock that keeps a second process out, the rule that a
+non-empty folder is continued (``--resume``) or replaced (``--overwrite``) but never
+silently mixed, and the run id every log record carries."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastlatent.errors import RunFolderError
+
+LOCK_FILE = ".fastlatent.lock"
+MANIFEST = "run.json"
+# What a run writes into its folder; --overwrite deletes these and nothing else.
+ARTEFACTS = (MANIFEST, "log.jsonl", "metrics.json", "predictions.jsonl", "progress.json",
+             "sft", "rl", "checkpoints")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(out: Path) -> Path:
+    """Create ``out/.fastlatent.lock`` (O_EXCL) holding this process's pid and host. A lock
+    left by a dead process on this host (a crash, ``kill -9``) is taken over."""
+    lock = out / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                holder = {}
+            pid, host = holder.get("pid"), holder.get("host")
+            if isinstance(pid, int) and host == me["host"] and not _alive(pid):
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            raise RunFolderError(
+                f"{out}: another fastlatent process (pid {pid} on {host}) is writing to this "
+                f"folder; wait for it, or use another --output-dir (if that process is gone "
+                f"from another machine, delete {lock})") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(me, f)
+        return lock
+    raise RunFolderError(f"{out}: could not take the lock {lock}")
+
+
+def release_lock(lock: Path) -> None:
+    lock.unlink(missing_ok=True)
+
+
+def prepare_folder(out: Path, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Check (and for ``overwrite`` clear) the folder, under the lock the caller holds.
+    Returns the earlier run's manifest when resuming."""
+    manifest_path = out / MANIFEST
+    if resume:
+        if not manifest_path.is_file():
+            raise RunFolderError(f"{out}: --resume found no {MANIFEST}, so there is no run "
+                                 "here to continue; drop --resume to start one")
+        try:
+            return json.loads(manifest_path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise RunFolderError(f"{manifest_path}: unreadable ({err})") from None
+    present = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+    if present and not overwrite:
+        what = "an earlier run" if manifest_path.exists() else f"files ({present[:5]})"
+        raise RunFolderError(
+            f"{out} already holds {what}; pass --resume to continue it, --overwrite to "
+            "replace it, or choose another --output-dir")
+    for name in ARTEFACTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    return None
+
+
+@dataclass
+class RunFolder:
+    """An output folder this process holds the lock of (use as a context manager)."""
+
+    path: Path
+    run_id: str
+    earlier: dict[str, Any] | None
+    lock: Path
+
+    @classmethod
+    def open(cls, out: Path, *, resume: bool, overwrite: bool) -> RunFolder:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = acquire_lock(out)
+        try:
+            earlier = prepare_folder(out, resume=resume, overwrite=overwrite)
+        except BaseException:
+            release_lock(lock)
+            raise
+        run_id = earlier["run_id"] if earlier and "run_id" in earlier else uuid.uuid4().hex[:12]
+        return cls(out, run_id, earlier, lock)
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        release_lock(self.lock)

@@ -1,0 +1,54 @@
+"""Clean shutdown on SIGTERM/SIGINT: the training loops finish their current step, write a
+checkpoint and raise :class:`Interrupted`; the CLI says how to resume and exits 128+signal.
+
+A second SIGINT while the first is being handled stops at once (KeyboardInterrupt).
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_requested: int | None = None
+
+
+class Interrupted(Exception):
+    """Raised by a loop that stopped on a signal (after saving what it could)."""
+
+    def __init__(self, signum: int, where: str):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
+
+
+def requested() -> int | None:
+    """The signal received since :func:`handle_signals` began, if any."""
+    return _requested
+
+
+def check(where: str) -> None:
+    """Raise :class:`Interrupted` if a signal arrived (for loops with nothing to save)."""
+    if _requested is not None:
+        raise Interrupted(_requested, where)
+
+
+def _on_signal(signum: int, frame) -> None:
+    global _requested
+    if _requested is not None and signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    _requested = signum
+
+
+@contextmanager
+def handle_signals() -> Iterator[None]:
+    """Within the block SIGTERM/SIGINT set a flag instead of killing the process."""
+    global _requested
+    _requested = None
+    previous = {s: signal.signal(s, _on_signal) for s in _SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _requested = None

@@ -1,0 +1,278 @@
+"""Faults a run must survive or report clearly: non-finite values, damaged checkpoints, a
+failure while saving, flags that contradict a checkpoint or a resumed run, suspicious data.
+(Kill/resume and SIGTERM end to end: test_runs_survive.py.)"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from fastlatent import checkpoint as ckpt
+from fastlatent.config import RLConfig, SFTConfig
+from fastlatent.data.prompt import PromptBuilder
+from fastlatent.errors import CheckpointError, TrainingStopped
+from fastlatent.optim import make_scheduler
+from fastlatent.rl import run_rl
+from fastlatent.runlog import StepLog
+from fastlatent.sft import run_sft
+from fastlatent.train import main
+
+
+@pytest.fixture
+def encoded(tiny_reasoner, synthetic_dataset):
+    builder = PromptBuilder(tiny_reasoner.tokenizer, domain=synthetic_dataset.domain)
+    return [builder.encode(ex) for ex in synthetic_dataset.split("train")[:12]]
+
+
+def records(path):
+    """Every line must be strict JSON (no NaN/Infinity)."""
+    def refuse(token):
+        raise AssertionError(f"non-JSON constant {token} in {path}")
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def poisoned_steps(monkeypatch, module, bad_calls, field):
+    """Make the training step of ``module`` ("sft" or "rl") return NaN in ``field`` on the
+    calls numbered in ``bad_calls`` (1-based)."""
+    import fastlatent.engine.generic as generic
+
+    real_step_for = generic.step_for
+    calls = {"n": 0}
+
+    def step_for(reasoner, stage):
+        step = real_step_for(reasoner, stage)
+
+        def poisoned(*args, **kwargs):
+            out = step(*args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] in bad_calls:
+                value = getattr(out, field)
+                setattr(out, field, value * float("nan"))
+            return out
+        return poisoned
+
+    monkeypatch.setattr(f"fastlatent.{module}.step_for", step_for)
+
+
+def test_a_nan_sft_loss_skips_the_update_and_is_logged_as_null(tiny_reasoner, encoded,
+                                                                tmp_path, monkeypatch):
+    poisoned_steps(monkeypatch, "sft", {2}, "nll_sum")  # the 2nd micro-batch = step 1
+    before = {k: v.clone() for k, v in tiny_reasoner.state_dict().items()}
+    cfg = SFTConfig(sft_batch_size=4, sft_micro_batch=2, sft_epochs=1, sft_warmup_steps=1)
+    log = StepLog(tmp_path / "log.jsonl")
+    run_sft(tiny_reasoner, encoded, encoded[:2], cfg, grad_clip=1.0, output_dir=tmp_path,
+            log=log, seed=0)
+    log.close()
+    steps = [r for r in records(tmp_path / "log.jsonl") if r["event"] == "step"]
+    assert [r["skipped"] for r in steps] == [True, False, False]
+    assert steps[0]["loss"] is None  # NaN written as null
+    after = tiny_reasoner.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # steps 2, 3 trained
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_naming_step_and_cause(tiny_reasoner, encoded,
+                                                                      tmp_path, monkeypatch):
+    poisoned_steps(monkeypatch, "rl", set(range(1, 100)), "rewards")
+    cfg = RLConfig(rl_batch_size=2, rl_max_steps=5, rl_warmup_steps=1, num_samples=2)
+    log = StepLog(tmp_path / "log.jsonl")
+    with pytest.raises(TrainingStopped, match=r"RL step 3: 3 optimiser steps in a row .*"
+                                              r"--sigma 1.5"):
+        run_rl(tiny_reasoner, encoded, cfg, grad_clip=1.0, output_dir=tmp_path, log=log,
+               seed=0, max_nonfinite_steps=3)
+    log.close()
+    assert not (tmp_path / "rl").exists()  # nothing non-finite reached a checkpoint
+    assert all(r["skipped"] for r in records(tmp_path / "log.jsonl") if r["event"] == "step")
+
+
+def test_a_non_finite_validation_loss_is_an_error(tiny_reasoner, encoded, tmp_path,
+                                                  monkeypatch):
+    import fastlatent.sft as sft
+
+    monkeypatch.setattr(sft, "validation_loss", lambda *a, **k: math.nan)
+    cfg = SFTConfig(sft_batch_size=6, sft_micro_batch=6, sft_epochs=2, sft_warmup_steps=1)
+    with pytest.raises(TrainingStopped, match="SFT epoch 1 .*validation loss is nan"):
+        run_sft(tiny_reasoner, encoded, encoded[:2], cfg, grad_clip=1.0, output_dir=tmp_path,
+                log=StepLog(tmp_path / "log.jsonl"), seed=0)
+    assert not (tmp_path / "sft").exists()
+
+
+def save_rl_state(reasoner, out, step):
+    params = [p for p in reasoner.ratt.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    scheduler = make_scheduler(optimizer, "rl", 1, 10)
+    state = ckpt.TrainingState("rl", step=step, epoch=0, batch=step, extra={})
+    return ckpt.save_training_state(out, state, reasoner, optimizer, scheduler,
+                                    torch.Generator().manual_seed(step))
+
+
+def test_a_damaged_checkpoint_is_named_and_the_one_before_it_is_used(tiny_reasoner,
+                                                                      tmp_path):
+    first = save_rl_state(tiny_reasoner, tmp_path, 1)
+    second = save_rl_state(tiny_reasoner, tmp_path, 2)
+    assert ckpt.complete_checkpoints(tmp_path) == [second, first]
+    trainer = second / ckpt.TRAINER_FILE
+    trainer.write_bytes(trainer.read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match=f"{trainer}: expected .* bytes, found 100"):
+        ckpt.load_training_state(second)
+    warnings = []
+    loaded = ckpt.newest_loadable(tmp_path, warnings.append)
+    assert loaded.path == first and loaded.state.step == 1
+    assert len(warnings) == 1 and str(trainer) in warnings[0]
+    # Same size, garbage inside: still named.
+    (first / ckpt.TRAINER_FILE).write_bytes(b"\0" * (first / ckpt.TRAINER_FILE).stat().st_size)
+    with pytest.raises(CheckpointError, match=f"{first / ckpt.TRAINER_FILE}: cannot be read"):
+        ckpt.load_training_state(first)
+
+
+def test_a_failure_while_saving_keeps_the_previous_checkpoint(tiny_reasoner, tmp_path,
+                                                              monkeypatch):
+    first = save_rl_state(tiny_reasoner, tmp_path, 1)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_rl_state(tiny_reasoner, tmp_path, 2)
+    assert ckpt.complete_checkpoints(tmp_path) == [first]
+    assert not list((tmp_path / ckpt.CHECKPOINTS).glob(".tmp-*"))
+    assert ckpt.load_training_state(first).state.step == 1
+
+
+def test_only_the_newest_checkpoints_are_kept(tiny_reasoner, tmp_path):
+    for step in (1, 2, 3):
+        save_rl_state(tiny_reasoner, tmp_path, step)
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["rl-00000003",
+                                                                     "rl-00000002"]
+
+
+def test_leftovers_of_a_crash_are_removed(tmp_path):
+    (tmp_path / ckpt.CHECKPOINTS / ".tmp-rl-00000004-123").mkdir(parents=True)
+    (tmp_path / ".sft.tmp-123").mkdir()
+    removed = ckpt.remove_partial_checkpoints(tmp_path)
+    assert len(removed) == 2 and not (tmp_path / ".sft.tmp-123").exists()
+
+
+# ---- the CLI: one line, a non-zero exit, nothing overwritten -----------------------------
+def smoke(out, *flags):
+    return main(["--preset", "smoke", "--output-dir", str(out), "--stage", "sft",
+                 "--sft-epochs", "1", "--eval-limit", "4", *flags])
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("saved") / "run"
+    assert smoke(out) == 0
+    return out
+
+
+def one_error_line(capsys):
+    """The error is one line, last on stderr (progress bars may come before it), and no
+    traceback."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and lines[-1].startswith("error: "), err[-2000:]
+    assert sum(line.startswith("error: ") for line in lines) == 1
+    return lines[-1]
+
+
+@pytest.mark.parametrize("damage, named", [
+    ("truncate-ratt", "latent_ratt.safetensors"),
+    ("truncate-config", "fastlatent.json"),
+    ("missing", "is not a fastlatent checkpoint"),
+])
+def test_a_damaged_checkpoint_flag_is_one_clear_line(saved_run, tmp_path, capsys, damage,
+                                                     named):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(saved_run / "sft", model)
+    if damage == "truncate-ratt":
+        f = model / "latent_ratt.safetensors"
+        f.write_bytes(f.read_bytes()[:50])
+    elif damage == "truncate-config":
+        f = model / "fastlatent.json"
+        f.write_text(f.read_text()[:20])
+    else:
+        model = tmp_path / "nowhere"
+    code = main(["--preset", "smoke", "--stage", "eval", "--checkpoint", str(model),
+                 "--output-dir", str(tmp_path / "run")])
+    assert code in (1, 2)
+    assert named in one_error_line(capsys)
+
+
+def test_flags_a_checkpoint_fixes_are_refused_and_its_values_recorded(saved_run, tmp_path,
+                                                                      capsys):
+    code = main(["--preset", "smoke", "--stage", "eval", "--checkpoint",
+                 str(saved_run / "sft"), "--ratt-heads", "2",
+                 "--output-dir", str(tmp_path / "refused")])
+    assert code == 2 and "--ratt-heads 2: the model comes from --checkpoint" in \
+        one_error_line(capsys)
+    out = tmp_path / "eval"
+    assert main(["--preset", "smoke", "--stage", "eval", "--checkpoint", str(saved_run / "sft"),
+                 "--eval-limit", "4", "--output-dir", str(out)]) == 0
+    model = json.loads((out / "run.json").read_text())["config"]["model"]
+    assert model["model"] == f"checkpoint:{saved_run / 'sft'}" and model["latent"] == "ratt"
+
+
+def test_resume_keeps_the_runs_configuration(saved_run, tmp_path, capsys):
+    assert main(["--resume", "--output-dir", str(saved_run), "--sigma", "0.5"]) == 2
+    assert "--sigma 0.5: the run being resumed used 1.5" in one_error_line(capsys)
+    assert main(["--resume", "--output-dir", str(tmp_path / "none")]) == 2
+    assert "there is no run to continue" in one_error_line(capsys)
+    assert main(["--resume", "--overwrite", "--output-dir", str(saved_run)]) == 2
+    one_error_line(capsys)
+    # A finished run resumed does nothing again and keeps its results.
+    metrics = (saved_run / "metrics.json").read_text()
+    assert main(["--resume", "--output-dir", str(saved_run)]) == 0
+    assert json.loads((saved_run / "metrics.json").read_text()) == json.loads(metrics)
+    assert len(json.loads((saved_run / "run.json").read_text())["segments"]) == 2
+
+
+def test_data_warnings_are_reported_and_strict_makes_them_errors(tmp_path, capsys):
+    from tests.test_train_cli import write_csv_dir
+
+    titles = [f"Album {c}{c}" for c in "ABCDEFGH"]
+    write_csv_dir(tmp_path / "data", ["valid", "test"], titles)
+    info = tmp_path / "data" / "info" / "Toy_Music.txt"
+    info.write_text("".join(f"{t}\t{i}\n" for i, t in enumerate(titles[:-1] + ["Other"])))
+    for split in ("valid", "test"):  # the dropped title stays only in histories
+        path = tmp_path / "data" / split / "Toy_Music.csv"
+        with path.open(newline="") as f:
+            rows = list(csv.reader(f))
+        with path.open("w", newline="") as f:
+            csv.writer(f).writerows([r for r in rows if r[6] != "Album HH"])
+    flags = ["--data", f"csv:{tmp_path / 'data'}", "--train-split", "valid",
+             "--eval-split", "valid"]
+    out = tmp_path / "run"
+    assert smoke(out, *flags) == 0
+    printed = capsys.readouterr().out
+    assert "not in the catalogue" in printed and "also training rows" in printed
+    notes = json.loads((out / "run.json").read_text())["notes"]
+    assert any("'Album HH'" in n for n in notes) and any("memorisation" in n for n in notes)
+    warned = [r for r in records(out / "log.jsonl") if r["event"] == "warning"]
+    assert len(warned) >= 2
+    assert smoke(tmp_path / "strict", *flags, "--strict") == 1
+    assert "--strict" in one_error_line(capsys)
+
+
+def test_data_warnings_count_each_kind():
+    from fastlatent.data.checks import data_warnings
+    from fastlatent.data.example import Catalogue, Dataset, Example
+
+    ds = Dataset("toy", "music", Catalogue(("A", "B", "C")))
+    train = [Example("u1", ("A", "Z"), "B"), Example("u2", (), "C"), Example("u3", ("A",), "C")]
+    evaluation = [Example("u3", ("A",), "C"), Example("u4", ("B",), "A")]
+    warnings = data_warnings(ds, train, evaluation, train_split="train", eval_split="test")
+    assert len(warnings) == 3
+    assert warnings[0].startswith("1 of 3 training rows name history titles that are not "
+                                  "in the catalogue (1 distinct, e.g. ['Z'])")
+    assert warnings[1].startswith("1 of 3 training rows have an empty history")
+    assert warnings[2].startswith("1 of 2 evaluation rows are also training rows:")
+    assert data_warnings(ds, train[2:], evaluation[1:], train_split="train",
+                         eval_split="test") == []

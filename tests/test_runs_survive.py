@@ -1,0 +1,141 @@
+"""Runs that survive: SIGKILL and SIGTERM at a step, then --resume, end bitwise where the
+uninterrupted run ends; one run per output folder.
+
+Each run is a subprocess of ``python -m fastlatent.train`` (the same threads and code path
+for the reference and the interrupted runs). The interruption is injected by a wrapper
+that sends the signal to its own process right after the N-th optimiser update of a
+stage, before that step's checkpoint could be written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+# Small enough for a few seconds a run: 2 SFT epochs of 3 steps, 3 RL steps, 6 users.
+FLAGS = ["--preset", "smoke", "--sft-limit", "96", "--sft-batch-size", "32",
+         "--sft-micro-batch", "16",
+         "--rl-max-steps", "3", "--eval-limit", "6", "--save-every", "2"]
+SFT_STEPS, RL_STEPS = 6, 3
+
+WRAPPER = textwrap.dedent("""
+    import os, signal, sys
+    import fastlatent.{stage} as stage
+    from fastlatent.optim import clipped_update
+    calls = 0
+    def update_then_signal(*args, **kwargs):
+        global calls
+        result = clipped_update(*args, **kwargs)
+        calls += 1
+        if calls == {at}:
+            os.kill(os.getpid(), signal.{signal})
+        return result
+    stage.clipped_update = update_then_signal
+    from fastlatent.train import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def train(out, *extra, stage=None, at=None, sig="SIGKILL"):
+    """Run the CLI in a subprocess (signal ``sig`` after update ``at`` of ``stage``)."""
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    args = [*FLAGS, "--output-dir", str(out), *extra]
+    if stage is None:
+        cmd = [sys.executable, "-m", "fastlatent.train", *args]
+    else:
+        code = WRAPPER.format(stage=stage, at=at, signal=sig)
+        cmd = [sys.executable, "-c", code, *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def outcome(out):
+    """What must not depend on interruptions: LatentRATT's bytes after RL, the metrics."""
+    ratt = (out / "rl" / "latent_ratt.safetensors").read_bytes()
+    metrics = json.loads((out / "metrics.json").read_text())
+    return ratt, metrics
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    done = train(out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert sum(e["event"] == "step" and e["stage"] == "sft" for e in steps) == SFT_STEPS
+    assert sum(e["event"] == "step" and e["stage"] == "rl" for e in steps) == RL_STEPS
+    return outcome(out)
+
+
+# A seeded draw of the steps to kill at (fixed per run of the suite, different per stage).
+KILL_AT = {"sft": random.Random(11).randint(2, SFT_STEPS),
+           "rl": random.Random(12).randint(2, RL_STEPS)}
+
+
+@pytest.mark.parametrize("stage", ["sft", "rl"])
+def test_sigkill_then_resume_ends_bitwise_as_the_uninterrupted_run(stage, reference,
+                                                                   tmp_path):
+    out = tmp_path / "run"
+    # Checkpoints every step here (every 2 in the reference): where checkpoints fall must
+    # not change the result either, and the resume starts from a mid-stage checkpoint.
+    killed = train(out, "--save-every", "1", stage=stage, at=KILL_AT[stage])
+    assert killed.returncode == -signal.SIGKILL
+    assert not (out / "metrics.json").exists()
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "running"  # what a kill leaves
+    resumed = train(out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert outcome(out) == reference
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "complete" and len(manifest["segments"]) == 2
+    assert manifest["segments"][1]["resumed"] is True
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len({r["run_id"] for r in records}) == 1  # both segments log under one id
+    assert not (out / ".fastlatent.lock").exists()
+
+
+def test_sigterm_saves_says_how_to_resume_and_resumes_bitwise(reference, tmp_path):
+    out = tmp_path / "run"
+    stopped = train(out, stage="sft", at=3, sig="SIGTERM")
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert "--resume" in stopped.stderr and str(out) in stopped.stderr
+    assert (out / "checkpoints" / "sft-00000003" / "complete.json").is_file()
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "interrupted"
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r for r in records if r["event"] == "interrupted"]
+    assert train(out, "--resume").returncode == 0
+    assert outcome(out) == reference
+
+
+def test_a_second_run_into_a_used_folder_is_refused(tmp_path):
+    from fastlatent.rundir import LOCK_FILE
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    refused = train(out)
+    assert refused.returncode == 2
+    assert "--resume" in refused.stderr and "--overwrite" in refused.stderr
+    assert (out / "metrics.json").read_text() == "{}"  # nothing of the earlier run touched
+    # A live process holding the lock keeps even --overwrite out.
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / LOCK_FILE).write_text(json.dumps({"pid": holder.pid,
+                                                 "host": os.uname().nodename}))
+        locked = train(out, "--overwrite")
+        assert locked.returncode == 2 and f"pid {holder.pid}" in locked.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    # Its process gone, the stale lock is taken over; --overwrite starts afresh.
+    assert train(out, "--overwrite", "--stage", "sft", "--sft-epochs", "1").returncode == 0
+    assert set(json.loads((out / "metrics.json").read_text())) == {"sft", "popular"}
