@@ -16,7 +16,8 @@ Trains, with the same SFT budget and seed, and evaluates on the SAME seeded test
 "w/o LatentRATT" is SFT-only by construction: it has no LatentRATT, so nothing trains in
 RL. One LatentR³ SFT feeds three variants. Each variant runs `python -m fastlatent.train`
 in its own process and folder under --output-dir; a variant whose metrics.json exists is
-not run again, so an interrupted experiment resumes where it stopped.
+not run again, and one that was interrupted continues with `--resume` from its newest
+checkpoint, so an interrupted experiment resumes where it stopped.
 
 Reported per variant: HR/NDCG@5/10 with 95% bootstrap intervals, the mean target NLL per
 token under r^0 (log PPL: what RL optimises, far more sensitive than HR@10 at CPU sizes),
@@ -116,11 +117,15 @@ def all_variants(args: argparse.Namespace) -> list[Variant]:
 
 def variant_command(v: Variant, args: argparse.Namespace, out: Path) -> list[str]:
     cmd = [sys.executable, "-m", "fastlatent.train", *BUDGETS[args.budget],
-           "--model", args.model, "--data", args.data, "--train-split", args.train_split,
+           "--data", args.data, "--train-split", args.train_split,
            "--eval-split", args.eval_split, "--seed", str(args.seed),
            "--output-dir", str(out / v.name), *v.flags]
-    if v.after:
+    if v.after:  # the checkpoint fixes the model
         cmd += ["--checkpoint", str(out / v.after / "sft")]
+    else:
+        cmd += ["--model", args.model]
+    if (out / v.name / "run.json").is_file():  # an interrupted variant continues
+        cmd.append("--resume")
     return cmd + list(args.extra)
 
 

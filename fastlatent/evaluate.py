@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from fastlatent import shutdown
 from fastlatent.config import EvalConfig
 from fastlatent.data.batch import collate
 from fastlatent.data.example import Catalogue, Example
@@ -59,6 +60,7 @@ def evaluate(reasoner: LatentReasoner, examples: Sequence[Example], builder: Pro
     bar = tqdm(total=len(examples), desc=desc, unit="user", dynamic_ncols=True)
     with torch.no_grad():
         for part in chunks(examples, cfg.eval_batch_size):
+            shutdown.check(f"during {desc} (an evaluation restarts on --resume)")
             batch = collate([builder.encode(ex) for ex in part], tokenizer.pad_token_id)
             batch = batch.to(reasoner.device)
             hyps = search(reasoner, batch.prompt_ids, batch.prompt_mask, trie,
@@ -113,6 +115,7 @@ def target_nll(reasoner: LatentReasoner, examples: Sequence[Example], builder: P
     out: list[float] = []
     with torch.no_grad():
         for part in chunks(examples, batch_size):
+            shutdown.check("while scoring the evaluation targets")
             batch = collate([builder.encode(ex) for ex in part],
                             reasoner.tokenizer.pad_token_id).to(reasoner.device)
             logp = target_logprobs(reasoner, batch, decoder=decoder)

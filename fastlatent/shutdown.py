@@ -7,6 +7,7 @@ A second SIGINT while the first is being handled stops at once (KeyboardInterrup
 from __future__ import annotations
 
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -38,6 +39,9 @@ def _on_signal(signum: int, frame) -> None:
     if _requested is not None and signum == signal.SIGINT:
         raise KeyboardInterrupt
     _requested = signum
+    print(f"\nfastlatent: {signal.Signals(signum).name} received; stopping after the current "
+          "step with a checkpoint" + (" (Ctrl-C again stops at once, unsaved)"
+                                       if signum == signal.SIGINT else ""), file=sys.stderr)
 
 
 @contextmanager

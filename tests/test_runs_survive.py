@@ -29,30 +29,34 @@ SFT_STEPS, RL_STEPS = 6, 3
 
 WRAPPER = textwrap.dedent("""
     import os, signal, sys
-    import fastlatent.{stage} as stage
-    from fastlatent.optim import clipped_update
+    import fastlatent.{module} as module
+    real = module.{function}
     calls = 0
-    def update_then_signal(*args, **kwargs):
+    def call_then_signal(*args, **kwargs):
         global calls
-        result = clipped_update(*args, **kwargs)
+        result = real(*args, **kwargs)
         calls += 1
         if calls == {at}:
             os.kill(os.getpid(), signal.{signal})
         return result
-    stage.clipped_update = update_then_signal
+    module.{function} = call_then_signal
     from fastlatent.train import main
     sys.exit(main(sys.argv[1:]))
 """)
 
 
 def train(out, *extra, stage=None, at=None, sig="SIGKILL"):
-    """Run the CLI in a subprocess (signal ``sig`` after update ``at`` of ``stage``)."""
+    """Run the CLI in a subprocess; with ``stage`` ("sft", "rl"), signal ``sig`` right
+    after its optimiser update number ``at``; with "eval", after the ``at``-th title that
+    an evaluation decodes."""
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     args = [*FLAGS, "--output-dir", str(out), *extra]
     if stage is None:
         cmd = [sys.executable, "-m", "fastlatent.train", *args]
     else:
-        code = WRAPPER.format(stage=stage, at=at, signal=sig)
+        function = "decode_title" if stage == "eval" else "clipped_update"
+        module = "evaluate" if stage == "eval" else stage
+        code = WRAPPER.format(module=module, function=function, at=at, signal=sig)
         cmd = [sys.executable, "-c", code, *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
@@ -114,6 +118,20 @@ def test_sigterm_saves_says_how_to_resume_and_resumes_bitwise(reference, tmp_pat
     assert [r for r in records if r["event"] == "interrupted"]
     assert train(out, "--resume").returncode == 0
     assert outcome(out) == reference
+
+
+def test_sigterm_during_evaluation_stops_between_batches_and_resume_redoes_it(reference,
+                                                                             tmp_path):
+    out = tmp_path / "run"
+    stopped = train(out, stage="eval", at=1, sig="SIGTERM")  # during the first batch
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert "during eval after sft" in stopped.stderr
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress == {"done": ["sft:trained"], "metrics": {}}
+    assert train(out, "--resume").returncode == 0
+    assert outcome(out) == reference
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["sft"] * 6 + ["rl"] * 6
 
 
 def test_a_second_run_into_a_used_folder_is_refused(tmp_path):

@@ -130,6 +130,15 @@ def test_missing_split_is_one_clear_line_and_a_failed_run(tmp_path, capsys):
     (["--sigma", "-1"], "--sigma"),
     (["--sigma", "inf"], "--sigma"),
     (["--sft-lr", "nan"], "--sft-lr"),
+    (["--sft-lr", "inf"], "--sft-lr"),
+    (["--grad-clip", "nan"], "--grad-clip"),
+    (["--num-samples", "0"], "--num-samples"),
+    (["--save-every", "-1"], "--save-every"),
+    (["--max-nonfinite-steps", "0"], "--max-nonfinite-steps"),
+    (["--checkpoint", "somewhere", "--model", "smollm2-135m"], "--model"),
+    (["--checkpoint", "somewhere", "--latent", "none"], "--latent"),
+    (["--checkpoint", "somewhere", "--ratt-heads", "2"], "--ratt-heads"),
+    (["--resume", "--overwrite"], "--resume"),
     (["--grad-clip", "0"], "--grad-clip"),
     (["--sft-epochs", "0"], "--sft-epochs"),
     (["--num-latents", "0"], "--num-latents"),
@@ -147,6 +156,24 @@ def test_bad_configuration_stops_before_anything_loads(flags, named, capsys, mon
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: " + named), err
     assert not out.exists()  # nothing written either
+
+
+def test_the_cpu_note_shows_the_sizes_in_use():
+    from fastlatent.train import demo_note
+
+    note = demo_note(parse_config(["--preset", "cpu", "--sft-limit", "64",
+                                   "--rl-max-steps", "3", "--eval-limit", "20"]))
+    assert "64 SFT examples, 3 RL steps of 8 prompts, 20 evaluation users" in note
+
+
+def test_a_model_that_cannot_be_loaded_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--preset", "smoke", "--model", str(tmp_path / "missing.gguf"),
+                 "--output-dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: --model ")
+    assert "missing.gguf" in err
 
 
 def test_format_table_has_the_baseline_row_and_each_stage_against_it():
