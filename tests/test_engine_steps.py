@@ -68,7 +68,10 @@ def test_rl_step_matches_naive(tiny_reasoner, tiny_batch, k, pool):
     # The tiny random model's perplexities are ~300, so fp32 rewards carry ~3e-3 absolute
     # error; centring and L2-normalising turns that into ~1e-4 on the unit-norm advantages.
     torch.testing.assert_close(out.advantages, ref.advantages, rtol=0, atol=3e-4)
-    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-3, atol=1e-5)
+    # The loss is a cancelling sum of advantage x log-prob (|loss| ~ 1e-2 here): the
+    # advantages' ~1e-4 differences times |log p| ~ 6 reach it undamped (3.7e-5 seen for
+    # the group pool, whose std divisor amplifies reward error).
+    torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=2e-4)
     assert_grads_close(grads_of(out.loss, params), grads_of(ref.loss, params), rtol=0,
                        atol=1e-3)
 
