@@ -88,15 +88,16 @@ def _visible_tile(mask, pos, i_b, o_l, b_qc, L):
     return m_l & (b_m != 0), b_pos
 
 
-@triton.autotune(configs=CONFIGS, key=["L", "D"])
+@triton.autotune(configs=CONFIGS, key=["L_BUCKET", "D"])
 @triton.jit
 def _latent_attention_fwd_kernel(q, k, h, mask, pos, qcol, z, w, lse, s, L, D, HALF,
                                  stride_kb, stride_kl, stride_hb, stride_hl, sm_scale,
-                                 log2_base, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+                                 log2_base, L_BUCKET, BLOCK_L: tl.constexpr,
+                                 BLOCK_D: tl.constexpr):
     """Grid (B,). Writes the scores z [B, L] (scratch, -inf where not visible),
     w [B, L] (0 where not visible), lse [B] and s [B, D], all fp32."""
     i_b = tl.program_id(0).to(tl.int64)
-    b_qc = tl.load(qcol + i_b).to(tl.int64)
+    b_qc = tl.load(qcol + i_b)  # int32: loop bounds and tile offsets stay 32-bit
     b_qpos = tl.load(pos + i_b * L + b_qc).to(tl.float32)
     n_tiles = tl.cdiv(b_qc + 1, BLOCK_L)
     sm_scale = tl.cast(sm_scale, tl.float32)
@@ -179,16 +180,17 @@ def _latent_attention_expand_kernel(rv, bias, noise, out, K, D, stride_nb, strid
         tl.store(out + (i_b * K + i_k) * D + o_d, b_r, mask=m_d)
 
 
-@triton.autotune(configs=CONFIGS, key=["L", "D"])
+@triton.autotune(configs=CONFIGS, key=["L_BUCKET", "D"])
 @triton.jit
 def _latent_attention_bwd_kernel(q, k, h, mask, pos, qcol, w, gs, gz, dq, dk, dh, L, D, HALF,
                                  stride_kb, stride_kl, stride_hb, stride_hl, sm_scale,
-                                 log2_base, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+                                 log2_base, L_BUCKET, BLOCK_L: tl.constexpr,
+                                 BLOCK_D: tl.constexpr):
     """Grid (B,). From g_s [B, D] (fp32) and the forward's w [B, L], writes the score
     gradients gz [B, L] (scratch), dq [B, D], dk [B, L, D] and the direct part of the
     hidden gradient dh_j = w_j g_s [B, L, D], all fp32 and in full (0 where not visible)."""
     i_b = tl.program_id(0).to(tl.int64)
-    b_qc = tl.load(qcol + i_b).to(tl.int64)
+    b_qc = tl.load(qcol + i_b)  # int32: loop bounds and tile offsets stay 32-bit
     b_qpos = tl.load(pos + i_b * L + b_qc).to(tl.float32)
     sm_scale = tl.cast(sm_scale, tl.float32)
     log2_base = tl.cast(log2_base, tl.float32)

@@ -114,13 +114,13 @@ def _suffix_allow(b_ok, kp, ks, q_p, q_t, S, T):
             & (ks[None, :] <= (S - T + q_t)[:, None]))
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["M", "D"])
+@triton.autotune(configs=FWD_CONFIGS, key=["M_BUCKET", "D"])
 @triton.jit
 def _shared_prefix_attention_fwd_kernel(
         q, k, v, sv, pk, pv, pm, o, lse, scale, P, NREP, T, S, L, D, M,
         stride_q0, stride_q1, stride_q2, stride_k0, stride_k1, stride_k2,
         stride_v0, stride_v1, stride_v2, stride_pk0, stride_pk1, stride_pk2,
-        stride_pv0, stride_pv1, stride_pv2, stride_o0, stride_o1, stride_o2,
+        stride_pv0, stride_pv1, stride_pv2, stride_o0, stride_o1, stride_o2, M_BUCKET,
         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr):
     """Grid (G, Hkv, query blocks). Writes out [R, H, T, D] and lse [R, H, T] (fp32,
@@ -190,13 +190,13 @@ def _load_query_stats(lse, delta, q_row, q_head, q_t, H, T, m_m):
     return b_lse, b_delta
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=["M", "D"])
+@triton.autotune(configs=BWD_CONFIGS, key=["M_BUCKET", "D"])
 @triton.jit
 def _shared_prefix_attention_bwd_dq_kernel(
         q, k, v, sv, pk, pv, pm, do, lse, delta, dq, scale, P, NREP, T, S, L, D, M,
         stride_q0, stride_q1, stride_q2, stride_k0, stride_k1, stride_k2,
         stride_v0, stride_v1, stride_v2, stride_pk0, stride_pk1, stride_pk2,
-        stride_pv0, stride_pv1, stride_pv2, stride_o0, stride_o1, stride_o2,
+        stride_pv0, stride_pv1, stride_pv2, stride_o0, stride_o1, stride_o2, M_BUCKET,
         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr):
     """Grid (G, Hkv, query blocks). dq [R, H, T, D] (strides of do) for the block."""
@@ -242,13 +242,13 @@ def _shared_prefix_attention_bwd_dq_kernel(
     tl.store(p_dq + o_d[None, :], b_dq * scale, mask=m_md)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=["M", "D", "SUFFIX"])
+@triton.autotune(configs=BWD_CONFIGS, key=["M_BUCKET", "KEYS_BUCKET", "D", "SUFFIX"])
 @triton.jit
 def _shared_prefix_attention_bwd_dkdv_kernel(
         q, k, v, ok, do, lse, delta, dk, dv, scale, P, NREP, T, S, NK, KP, D, M,
         stride_q0, stride_q1, stride_q2, stride_k0, stride_k1, stride_k2,
-        stride_v0, stride_v1, stride_v2, stride_o0, stride_o1, stride_o2,
-        SUFFIX: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+        stride_v0, stride_v1, stride_v2, stride_o0, stride_o1, stride_o2, M_BUCKET,
+        KEYS_BUCKET, SUFFIX: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (G, Hkv, key blocks over KP * NK keys of the group). Prompt keys (SUFFIX
     False: KP = 1, NK = L) take every query of the group; suffix keys (KP = P, NK = S)

@@ -64,3 +64,35 @@ def test_bad_inputs_raise():
         fused_logprob(hidden, weight, torch.tensor([0, 1, 50, 2]))
     with pytest.raises(ValueError, match="floating"):
         fused_logprob(hidden.long(), weight, targets)
+
+
+def test_padded_target_positions_never_reach_the_head(monkeypatch):
+    """head_logprobs sends only real target positions through the fused head, and equals
+    full log-softmax at them (0 at padding), gradients included."""
+    import fastlatent.engine.scoring as scoring
+
+    seen = []
+    real_head = scoring.fused_logprob
+
+    def counting(hidden, weight, targets, **kwargs):
+        seen.append(hidden.shape[0])
+        return real_head(hidden, weight, targets, **kwargs)
+
+    monkeypatch.setattr(scoring, "fused_logprob", counting)
+    g = torch.Generator().manual_seed(5)
+    rows, t, d, v = 4, 6, 16, 37
+    hidden = torch.randn(rows, t, d, generator=g, requires_grad=True)
+    weight = torch.randn(v, d, generator=g)
+    targets = torch.randint(0, v, (rows, t), generator=g)
+    mask = torch.zeros(rows, t, dtype=torch.long)
+    for r, n in enumerate([6, 1, 3, 0]):
+        mask[r, :n] = 1
+    targets[mask == 0] = -100  # padding may hold anything
+    logp = scoring.head_logprobs(hidden, targets, mask, weight)
+    assert seen == [int(mask.sum())]
+    full = torch.log_softmax(hidden.detach() @ weight.T, -1)
+    expected = full.gather(-1, targets.clamp_min(0)[..., None])[..., 0] * mask
+    torch.testing.assert_close(logp, expected, rtol=1e-5, atol=1e-5)
+    assert bool((logp[mask == 0] == 0).all())
+    logp.sum().backward()
+    assert bool((hidden.grad[mask == 0] == 0).all()) and hidden.grad[mask == 1].abs().sum() > 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastlatent.engine.decoder import Decoder, PrefixCache
-from fastlatent.ops.fused_logprob import IGNORE_INDEX, fused_logprob
+from fastlatent.ops.fused_logprob import fused_logprob
 
 
 def target_logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,20 @@ def score_targets(decoder: Decoder, prefix: PrefixCache, latents: torch.Tensor |
         hidden, _ = decoder.suffix(targets_emb, target_mask, prefix, rows_per_group)
         first = prefix.hidden[:, -1:].repeat_interleave(rows_per_group, dim=0)
         predicting = torch.cat((first, hidden[:, :t - 1]), dim=1)
-    labels = target_ids.masked_fill(target_mask == 0, IGNORE_INDEX)
-    logp = fused_logprob(predicting.reshape(rows * t, -1), lm_head_weight(decoder.llm),
-                         labels.reshape(-1), backend=backend)
-    return logp.view(rows, t)
+    return head_logprobs(predicting, target_ids, target_mask, lm_head_weight(decoder.llm),
+                         backend=backend)
+
+
+def head_logprobs(hidden: torch.Tensor, target_ids: torch.Tensor, target_mask: torch.Tensor,
+                  weight: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """log p(target) [R, T] float32 from the hidden states [R, T, d] that predict each
+    target, through the fused head; 0 at padding. Only the real positions go through the
+    head (padding is ~half the rows when target lengths vary; finding them costs one
+    device sync)."""
+    rows, t = target_ids.shape
+    real = target_mask.reshape(-1).bool()
+    index = real.nonzero().squeeze(1)
+    logp = fused_logprob(hidden.reshape(rows * t, -1).index_select(0, index), weight,
+                         target_ids.reshape(-1).index_select(0, index), backend=backend)
+    out = logp.new_zeros(rows * t).index_put((index,), logp)
+    return out.view(rows, t)

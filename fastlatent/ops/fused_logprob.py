@@ -23,6 +23,8 @@ import functools
 import torch
 
 from fastlatent.ops._backend import resolve_backend
+from fastlatent.ops._launch import alloc as _alloc
+from fastlatent.ops._launch import cdiv as _cdiv
 
 IGNORE_INDEX = -100
 VOCAB_TILE = 8192
@@ -109,13 +111,6 @@ _MIN_SPLIT_V = 2048          # fewest vocabulary entries per split of the row-bl
 _PARTIAL_BYTES = 1 << 28     # cap on the fp32 [splits, N, D] grad-hidden partials
 
 
-def _alloc(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """fp32 buffer that a Triton kernel writes in full (tests swap in a NaN-filled one)."""
-    return torch.empty(shape, dtype=torch.float32, device=device)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @functools.cache

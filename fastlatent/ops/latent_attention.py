@@ -27,6 +27,9 @@ import torch
 
 from fastlatent.data.batch import positions_from_mask
 from fastlatent.ops._backend import resolve_backend
+from fastlatent.ops._launch import alloc as _alloc
+from fastlatent.ops._launch import tune_bucket
+from fastlatent.ops._launch import unit_inner as _unit_inner
 
 
 @dataclass(frozen=True)
@@ -115,13 +118,6 @@ def _weight_tensors(weights: LatentAttentionWeights) -> tuple[torch.Tensor, ...]
             weights.v_weight, weights.v_bias)
 
 
-def _alloc(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """fp32 buffer that a Triton kernel writes in full (tests swap in a NaN-filled one)."""
-    return torch.empty(shape, dtype=torch.float32, device=device)
-
-
-def _unit_inner(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _latent_attention_fwd(hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
@@ -139,7 +135,7 @@ def _latent_attention_fwd(hidden: torch.Tensor, mask: torch.Tensor, pos: torch.T
     kern._latent_attention_fwd_kernel[(b,)](
         q, k, hidden, mask, pos, qcol, z, w, lse, s, length, d, d // 2,
         k.stride(0), k.stride(1), hidden.stride(0), hidden.stride(1),
-        1.0 / math.sqrt(d), math.log2(rope_base))
+        1.0 / math.sqrt(d), math.log2(rope_base), tune_bucket(length))
     return w, s
 
 
@@ -178,7 +174,7 @@ def _latent_attention_bwd(g_s: torch.Tensor, hidden: torch.Tensor, mask: torch.T
     kern._latent_attention_bwd_kernel[(b,)](
         q, k, hidden, mask, pos, qcol, w, g_s, gz, dq, dk, dh, length, d, d // 2,
         k.stride(0), k.stride(1), hidden.stride(0), hidden.stride(1),
-        1.0 / math.sqrt(d), math.log2(rope_base))
+        1.0 / math.sqrt(d), math.log2(rope_base), tune_bucket(length))
     return dq, dk, dh
 
 

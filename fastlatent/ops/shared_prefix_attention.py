@@ -27,6 +27,10 @@ from __future__ import annotations
 import torch
 
 from fastlatent.ops._backend import resolve_backend
+from fastlatent.ops._launch import alloc as _alloc
+from fastlatent.ops._launch import cdiv as _cdiv
+from fastlatent.ops._launch import tune_bucket
+from fastlatent.ops._launch import unit_inner as _unit_inner
 
 
 def _check_inputs(q, k, v, suffix_valid, prefix_k, prefix_v, prefix_mask,
@@ -128,18 +132,7 @@ def shared_prefix_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Buffer that a Triton kernel writes in full (tests swap in a NaN-filled one)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _unit_inner(x: torch.Tensor) -> torch.Tensor:
-    """The kernels take any strides but a unit inner one."""
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -167,8 +160,8 @@ def _shared_prefix_attention_fwd(q, k, v, valid, prefix_k, prefix_v, prefix_ok,
     g, hkv, length, _ = prefix_k.shape
     s, n_rep = k.shape[2], h // hkv
     m = rows_per_group * n_rep * t
-    out = _alloc((r, h, t, d), torch.float32, q.device)
-    lse = _alloc((r, h, t), torch.float32, q.device)
+    out = _alloc((r, h, t, d), q.device, torch.float32)
+    lse = _alloc((r, h, t), q.device, torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
 
@@ -179,7 +172,7 @@ def _shared_prefix_attention_fwd(q, k, v, valid, prefix_k, prefix_v, prefix_ok,
         q, k, v, valid, prefix_k, prefix_v, prefix_ok, out, lse, scale,
         rows_per_group, n_rep, t, s, length, d, m,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(prefix_k),
-        *_strides3(prefix_v), *_strides3(out),
+        *_strides3(prefix_v), *_strides3(out), tune_bucket(m),
         PRECISION=_precision(q.dtype), BLOCK_D=_block_d(d))
     return out, lse
 
@@ -199,7 +192,7 @@ def _shared_prefix_attention_bwd(grad_out, q, k, v, valid, prefix_k, prefix_v, p
     common = dict(PRECISION=_precision(q.dtype), BLOCK_D=_block_d(d))
     dq = dk = dv = dpk = dpv = None
     if needs[0]:
-        dq = _alloc((r, h, t, d), q.dtype, q.device)
+        dq = _alloc((r, h, t, d), q.device, q.dtype)
 
         def grid_q(meta):
             return (g, hkv, _cdiv(m, meta["BLOCK_M"]))
@@ -208,14 +201,14 @@ def _shared_prefix_attention_bwd(grad_out, q, k, v, valid, prefix_k, prefix_v, p
             q, k, v, valid, prefix_k, prefix_v, prefix_ok, do, lse, delta, dq, scale,
             rows_per_group, n_rep, t, s, length, d, m,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(prefix_k),
-            *_strides3(prefix_v), *_strides3(do), **common)
+            *_strides3(prefix_v), *_strides3(do), tune_bucket(m), **common)
     for keys, values, ok, rows, width, wanted, suffix in (
             (k, v, valid, rows_per_group, s, needs[1] or needs[2], True),
             (prefix_k, prefix_v, prefix_ok, 1, length, needs[3] or needs[4], False)):
         if not wanted:
             continue
-        gk = _alloc(tuple(keys.shape), keys.dtype, keys.device)
-        gv = _alloc(tuple(values.shape), values.dtype, values.device)
+        gk = _alloc(tuple(keys.shape), keys.device, keys.dtype)
+        gv = _alloc(tuple(values.shape), values.device, values.dtype)
 
         def grid_k(meta, n_keys=rows * width):
             return (g, hkv, _cdiv(n_keys, meta["BLOCK_N"]))
@@ -224,7 +217,7 @@ def _shared_prefix_attention_bwd(grad_out, q, k, v, valid, prefix_k, prefix_v, p
             q, keys, values, ok, do, lse, delta, gk, gv, scale,
             rows_per_group, n_rep, t, s, width, rows, d, m,
             *_strides3(q), *_strides3(keys), *_strides3(values), *_strides3(do),
-            SUFFIX=suffix, **common)
+            tune_bucket(m), tune_bucket(rows * width), SUFFIX=suffix, **common)
         if suffix:
             dk, dv = gk, gv
         else:
