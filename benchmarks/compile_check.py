@@ -12,8 +12,9 @@ launch is then compiled with ``triton.compile(ASTSource(...), target=GPUTarget(.
 for every autotune config, through Triton's own cache (``TRITON_CACHE_DIR`` is honoured,
 so the cubins stay there to inspect), specialised as a launch would be (16-byte aligned
 pointers, integers divisible by 16 marked so, integers equal to 1 made constants). The
-resource usage comes from ``cuobjdump --dump-resource-usage`` shipped in Triton's wheel;
-dynamic shared memory from the compiled kernel's metadata.
+resource usage comes from ``cuobjdump --dump-resource-usage`` shipped in Triton's wheel,
+the spills (bytes of spill stores + loads) from ``ptxas -v`` on the same PTX, dynamic
+shared memory from the compiled kernel's metadata.
 
 Output: one line per kernel x config x dtype x shape x arch; with ``--json`` one JSON
 object per line and, last, a summary with ``compiled``, ``failed``,
@@ -240,25 +241,59 @@ def specialise(launch: Launch, config: triton.Config
 _USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
-def cuobjdump() -> Path:
-    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                     r"(\d+) bytes spill loads")
+_TARGET = re.compile(r"^\.target\s+(\S+)", re.M)
+
+
+def nvidia_tool(name: str) -> Path:
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
     if not path.is_file():
         raise SystemExit(f"compile_check: {path} is missing (Triton's NVIDIA backend tools)")
     return path
 
 
-def resource_usage(cubin: bytes) -> dict[str, int]:
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([str(cuobjdump()), "--dump-resource-usage", f.name],
-                              capture_output=True, text=True, check=True).stdout
-    match = _USAGE.search(text)
-    if not match:
-        raise RuntimeError(f"cuobjdump printed no resource usage: {text[-300:]!r}")
+def ptxas_for(cc: int) -> str:
+    """The ptxas Triton itself runs for this target (its PTX version needs that one)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except ImportError:
+        return str(nvidia_tool("ptxas"))
+    try:
+        return str(get_ptxas(cc).path)
+    except TypeError:  # older Triton: get_ptxas() takes no architecture
+        return str(get_ptxas().path)
+
+
+def resource_usage(cubin: bytes, ptx: str, cc: int) -> dict[str, int]:
+    """Registers, stack frame and static shared memory of the cubin Triton built
+    (cuobjdump), and the spill stores/loads ptxas reports for the same PTX (ptxas -v, as
+    Triton runs it)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        binary, source = Path(tmp) / "k.cubin", Path(tmp) / "k.ptx"
+        binary.write_bytes(cubin)
+        source.write_text(ptx)
+        usage = subprocess.run([str(nvidia_tool("cuobjdump")), "--dump-resource-usage",
+                                str(binary)], capture_output=True, text=True,
+                               check=True).stdout
+        target = _TARGET.search(ptx)
+        log = ""
+        # Triton's own flags (3.9 adds --regAllocOptLevel=2 for a ptxas 13 bug; older
+        # ptxas may not know it, so it is retried without).
+        for extra in (["--regAllocOptLevel=2"], []):
+            done = subprocess.run([ptxas_for(cc), "-lineinfo", "-v", *extra,
+                                   f"--gpu-name={target[1]}", str(source), "-o",
+                                   str(Path(tmp) / "check.cubin")],
+                                  capture_output=True, text=True)
+            log += done.stderr
+            if done.returncode == 0:
+                break
+    match, spills = _USAGE.search(usage), _SPILLS.search(log)
+    if not match or not spills:
+        raise RuntimeError(f"no resource usage found: {usage[-300:]!r} {log[-300:]!r}")
     reg, stack, shared, local = map(int, match.groups())
     return {"registers": reg, "stack_bytes": stack, "static_shared_bytes": shared,
-            "spill_bytes": local}
+            "local_bytes": local, "spill_bytes": int(spills[2]) + int(spills[3])}
 
 
 @dataclass
@@ -295,7 +330,7 @@ def compile_one(op: str, launch: Launch, config: triton.Config, shape: str, dtyp
     try:
         compiled = triton.compile(ASTSource(launch.fn, signature, constexprs, attrs),
                                   target=GPUTarget("cuda", cc, 32), options=options)
-        usage = resource_usage(compiled.asm["cubin"])
+        usage = resource_usage(compiled.asm["cubin"], compiled.asm["ptx"], cc)
     except Exception as err:  # the compiler's own error is the finding
         message = str(err).strip().splitlines()
         return Result(**base, compiled=False, seconds=time.perf_counter() - t0,
@@ -322,8 +357,13 @@ def unique_launches(launches: list[Launch]) -> list[Launch]:
 
 def run(args: argparse.Namespace) -> list[Result]:
     archs = [int(a.removeprefix("sm_")) for a in args.arch.split(",") if a]
+    ops = [op for op in OPS if not args.op or op in args.op.split(",")]
+    for op in ops:  # import every kernel now: @triton.jit reads its source at import
+        importlib.import_module(f"fastlatent.kernels.{op}")
+        importlib.import_module(f"fastlatent.ops.{op}")
     results = []
-    for op, make in OPS.items():
+    for op in ops:
+        make = OPS[op]
         for shape in args.shape.split(","):
             for dtype in args.dtype.split(","):
                 launches = unique_launches(make(MODELS[shape], DTYPES[dtype]))
@@ -341,7 +381,7 @@ def run(args: argparse.Namespace) -> list[Result]:
 
 def report(result: Result, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(asdict(result)), flush=True)
+        print(json.dumps(asdict(result), default=str), flush=True)
         return
     if not result.compiled:
         print(f"FAILED {result.kernel} {result.arch} {result.dtype} {result.shape} "
@@ -371,6 +411,7 @@ def summarise(results: list[Result]) -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="sm_80,sm_90", help="comma-separated sm_XX targets")
+    p.add_argument("--op", default="", help=f"comma-separated ops among {sorted(OPS)}")
     p.add_argument("--kernel", default="", help="only kernels whose name contains this")
     p.add_argument("--dtype", default="fp32,fp16,bf16", help="input dtypes of the launchers")
     p.add_argument("--shape", default="smollm2,qwen2.5-1.5b",

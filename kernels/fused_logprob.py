@@ -58,24 +58,28 @@ else:
     COMBINE_CONFIGS = [triton.Config({"BLOCK_N": 32}, num_warps=4)]
 
 IGNORE_INDEX: tl.constexpr = tl.constexpr(-100)
+# tl.dot operand types of the logits GEMM, by torch dtype name (see _logits_tile).
+LOGIT_OPERANDS = {"float32": tl.float32, "float16": tl.float16, "bfloat16": tl.bfloat16}
 
 
 @triton.jit
 def _logits_tile(h, w, o_n, m_n, o_v, m_v, D, stride_hn, stride_wv,
-                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
+                 PRECISION: tl.constexpr, OPERAND: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     """fp32 logits [BLOCK_N, BLOCK_V] of rows o_n against vocab rows o_v; -inf where o_v
-    is past V."""
+    is past V. The operands enter ``tl.dot`` as OPERAND: the inputs' own fp16/bf16 on the
+    GPU (exact: their products fit fp32, and tensor cores run them at twice the TF32
+    rate), fp32 under the interpreter and for fp32 inputs."""
     b_s = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     for i_d in range(0, tl.cdiv(D, BLOCK_D)):
         o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
         m_d = o_d < D
         # [BN, BD]
         b_h = tl.load(h + o_n[:, None] * stride_hn + o_d[None, :],
-                      mask=m_n[:, None] & m_d[None, :], other=0.).to(tl.float32)
+                      mask=m_n[:, None] & m_d[None, :], other=0.).to(OPERAND)
         # [BV, BD]
         b_w = tl.load(w + o_v[:, None] * stride_wv + o_d[None, :],
-                      mask=m_v[:, None] & m_d[None, :], other=0.).to(tl.float32)
+                      mask=m_v[:, None] & m_d[None, :], other=0.).to(OPERAND)
         b_s = tl.dot(b_h, tl.trans(b_w), b_s, input_precision=PRECISION)
     return tl.where(m_v[None, :], b_s, float("-inf"))
 
@@ -101,7 +105,8 @@ def _split_tiles(V, i_s, BLOCK_V: tl.constexpr):
 @triton.autotune(configs=CONFIGS, key=["V", "D"])
 @triton.jit
 def _fused_logprob_fwd_kernel(h, w, t, m_part, l_part, z_part, N, V, D, stride_hn, stride_wv,
-                              LOGIT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                              LOGIT_PRECISION: tl.constexpr, LOGIT_OPERAND: tl.constexpr,
+                              BLOCK_N: tl.constexpr,
                               BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (row blocks, splits). Writes, for its rows and its split's tiles, the running
     max m, sum l = sum_v exp(s_nv - m) and the target logit z (0 if the target is in
@@ -121,7 +126,7 @@ def _fused_logprob_fwd_kernel(h, w, t, m_part, l_part, z_part, N, V, D, stride_h
         m_v = o_v < V
         # [BN, BV]
         b_s = _logits_tile(h, w, o_n, m_n, o_v, m_v, D, stride_hn, stride_wv,
-                           LOGIT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+                           LOGIT_PRECISION, LOGIT_OPERAND, BLOCK_N, BLOCK_V, BLOCK_D)
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))  # finite: every tile has a column < V
         b_l = b_l * tl.exp(b_m - b_mn) + tl.sum(tl.exp(b_s - b_mn[:, None]), 1)
         b_m = b_mn
@@ -163,7 +168,8 @@ def _fused_logprob_combine_kernel(m_part, l_part, z_part, t, logp, lse, N, S,
 @triton.autotune(configs=CONFIGS, key=["V", "D"])
 @triton.jit
 def _fused_logprob_bwd_dh_kernel(h, w, t, lse, g, dh_part, N, V, D, stride_hn, stride_wv,
-                                 LOGIT_PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
+                                 LOGIT_PRECISION: tl.constexpr, LOGIT_OPERAND: tl.constexpr,
+                                 GRAD_PRECISION: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                                  BLOCK_D: tl.constexpr):
     """Grid (row blocks, splits). dh_part[split, n] = sum over the split's v of c_nv W_v,
@@ -189,7 +195,7 @@ def _fused_logprob_bwd_dh_kernel(h, w, t, lse, g, dh_part, N, V, D, stride_hn, s
         o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
         m_v = o_v < V
         b_s = _logits_tile(h, w, o_n, m_n, o_v, m_v, D, stride_hn, stride_wv,
-                           LOGIT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+                           LOGIT_PRECISION, LOGIT_OPERAND, BLOCK_N, BLOCK_V, BLOCK_D)
         b_c = _coef_tile(b_s, b_lse, b_g, b_t, o_v)  # [BN, BV]
         for i_d in range(0, tl.cdiv(D, BLOCK_D)):
             o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -208,7 +214,8 @@ def _fused_logprob_bwd_dh_kernel(h, w, t, lse, g, dh_part, N, V, D, stride_hn, s
 @triton.autotune(configs=CONFIGS, key=["V", "D"])
 @triton.jit
 def _fused_logprob_bwd_dw_kernel(h, w, t, lse, g, dw, N, V, D, stride_hn, stride_wv,
-                                 LOGIT_PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
+                                 LOGIT_PRECISION: tl.constexpr, LOGIT_OPERAND: tl.constexpr,
+                                 GRAD_PRECISION: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                                  BLOCK_D: tl.constexpr):
     """Grid (vocab tiles). dw[v] = sum_n c_nv h_n for the program's BLOCK_V rows, fp32
@@ -231,7 +238,7 @@ def _fused_logprob_bwd_dw_kernel(h, w, t, lse, g, dw, N, V, D, stride_hn, stride
         b_g = tl.load(g + o_n, mask=m_n, other=0.).to(tl.float32)
         b_g = tl.where(b_t == IGNORE_INDEX, 0., b_g)
         b_s = _logits_tile(h, w, o_n, m_n, o_v, m_v, D, stride_hn, stride_wv,
-                           LOGIT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+                           LOGIT_PRECISION, LOGIT_OPERAND, BLOCK_N, BLOCK_V, BLOCK_D)
         b_c = _coef_tile(b_s, b_lse, b_g, b_t, o_v)  # [BN, BV]
         for i_d in range(0, tl.cdiv(D, BLOCK_D)):
             o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)

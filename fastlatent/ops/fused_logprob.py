@@ -19,6 +19,7 @@ dtypes use the PyTorch path); its tile sizes come from the kernels' autotune con
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -134,6 +135,16 @@ def _logit_precision(hidden: torch.Tensor, weight: torch.Tensor) -> str:
     return "tf32" if hidden.dtype in low and weight.dtype in low else "tf32x3"
 
 
+def _logit_operand(hidden: torch.Tensor, weight: torch.Tensor) -> str:
+    """fp16/bf16 inputs of one dtype enter the logits GEMM as they are on the GPU; fp32
+    otherwise and under the interpreter (whose bf16 arithmetic is wrong)."""
+    same_low = hidden.dtype == weight.dtype and hidden.dtype in (torch.float16,
+                                                                  torch.bfloat16)
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    return str(hidden.dtype).removeprefix("torch.") if same_low and not interpreting \
+        else "float32"
+
+
 def _grad_precision(out_dtype: torch.dtype) -> str:
     """The fp32 coefficient operand is rounded to TF32 (2^-11) only when the gradient is
     stored in bf16 (2^-9) anyway."""
@@ -160,7 +171,8 @@ def _fused_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
 
     kern._fused_logprob_fwd_kernel[grid](
         hidden, weight, targets, part[0], part[1], part[2], n, v, d,
-        hidden.stride(0), weight.stride(0), LOGIT_PRECISION=_logit_precision(hidden, weight))
+        hidden.stride(0), weight.stride(0), LOGIT_PRECISION=_logit_precision(hidden, weight),
+        LOGIT_OPERAND=kern.LOGIT_OPERANDS[_logit_operand(hidden, weight)])
 
     def grid_rows(meta):
         return (_cdiv(n, meta["BLOCK_N"]),)
@@ -182,7 +194,8 @@ def _fused_logprob_bwd(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: to
     g = grad_logp.float().contiguous()
     args = (hidden, weight, targets, lse, g)
     strides = (hidden.stride(0), weight.stride(0))
-    logit_precision = _logit_precision(hidden, weight)
+    logit = dict(LOGIT_PRECISION=_logit_precision(hidden, weight),
+                 LOGIT_OPERAND=kern.LOGIT_OPERANDS[_logit_operand(hidden, weight)])
     grad_h = grad_w = None
     if need_hidden:
         if n == 0:
@@ -197,7 +210,7 @@ def _fused_logprob_bwd(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: to
                 return (_cdiv(n, meta["BLOCK_N"]), s)
 
             kern._fused_logprob_bwd_dh_kernel[grid](
-                *args, part, n, v, d, *strides, LOGIT_PRECISION=logit_precision,
+                *args, part, n, v, d, *strides, **logit,
                 GRAD_PRECISION=_grad_precision(hidden.dtype))
             grad_h = (part[0] if s == 1 else part.sum(0)).to(hidden.dtype)
     if need_weight:
@@ -210,7 +223,7 @@ def _fused_logprob_bwd(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: to
             dw.zero_()
         else:
             kern._fused_logprob_bwd_dw_kernel[grid_vocab](
-                *args, dw, n, v, d, *strides, LOGIT_PRECISION=logit_precision,
+                *args, dw, n, v, d, *strides, **logit,
                 GRAD_PRECISION=_grad_precision(weight.dtype))
         grad_w = dw.to(weight.dtype)
     return grad_h, grad_w
