@@ -408,6 +408,29 @@ def summarise(results: list[Result]) -> dict[str, Any]:
             "spilled": [" ".join(s) for s in spilled]}
 
 
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """One line per kernel x dtype x arch from ``--json`` lines: configs compiled, register
+    range, spills (worst config; how many configs spill), most shared memory."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        if not row.get("summary"):
+            groups.setdefault((row["kernel"], row["dtype"], row["arch"]), []).append(row)
+    lines = ["| kernel | dtype | arch | compiled | registers | spill B (configs) | "
+             "shared KiB |", "|---|---|---|---|---|---|---|"]
+    for (kernel, dtype, arch), group in sorted(groups.items()):
+        ok = [r for r in group if r["compiled"]]
+        if not ok:
+            lines.append(f"| {kernel} | {dtype} | {arch} | 0/{len(group)} | — | — | — "
+                         f"(`{group[0]['error'][:60]}`) |")
+            continue
+        spilling = [r for r in ok if r["spill_bytes"]]
+        regs = sorted(r["registers"] for r in ok)
+        lines.append(f"| {kernel} | {dtype} | {arch} | {len(ok)}/{len(group)} | "
+                     f"{regs[0]}–{regs[-1]} | {max(r['spill_bytes'] for r in ok)} "
+                     f"({len(spilling)}) | {max(r['shared_bytes'] for r in ok) / 1024:.0f} |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="sm_80,sm_90", help="comma-separated sm_XX targets")
@@ -419,11 +442,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-configs", type=int, default=0,
                    help="compile only the first N autotune configs per kernel (0 = all)")
     p.add_argument("--json", action="store_true", help="JSON lines; the last is a summary")
+    p.add_argument("--table", default="", metavar="JSONL",
+                   help="print the markdown table of an earlier --json run and exit")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.table:
+        print(markdown_table([json.loads(line) for line in
+                              Path(args.table).read_text().splitlines() if line.strip()]))
+        return 0
     t0 = time.perf_counter()
     results = run(args)
     summary = summarise(results)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -46,9 +47,13 @@ def _on_signal(signum: int, frame) -> None:
 
 @contextmanager
 def handle_signals() -> Iterator[None]:
-    """Within the block SIGTERM/SIGINT set a flag instead of killing the process."""
+    """Within the block SIGTERM/SIGINT set a flag instead of killing the process (only
+    the main thread may install signal handlers; elsewhere the block changes nothing)."""
     global _requested
     _requested = None
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = {s: signal.signal(s, _on_signal) for s in _SIGNALS}
     try:
         yield

@@ -40,6 +40,7 @@ import triton.language as tl
 # configs needs a GPU driver); its tiles are small so the tests cross tile boundaries.
 if os.environ.get("TRITON_INTERPRET") == "1":
     CONFIGS = [triton.Config({"BLOCK_L": 8, "BLOCK_D": 16})]
+    BWD_CONFIGS = CONFIGS
     EXPAND_CONFIGS = [triton.Config({"BLOCK_D": 16})]
 else:
     CONFIGS = [
@@ -48,6 +49,9 @@ else:
         triton.Config({"BLOCK_L": 32, "BLOCK_D": 128}, num_warps=8),
         triton.Config({"BLOCK_L": 16, "BLOCK_D": 128}, num_warps=4),
     ]
+    # benchmarks/compile_check.py: the backward at BLOCK_L = BLOCK_D = 64 with 4 warps
+    # spills ~1.8 KB per thread with fp16/bf16 inputs on sm_80 and sm_90; the others don't.
+    BWD_CONFIGS = [c for c in CONFIGS if (c.kwargs["BLOCK_L"], c.num_warps) != (64, 4)]
     EXPAND_CONFIGS = [triton.Config({"BLOCK_D": 256}, num_warps=4)]
 
 
@@ -180,7 +184,7 @@ def _latent_attention_expand_kernel(rv, bias, noise, out, K, D, stride_nb, strid
         tl.store(out + (i_b * K + i_k) * D + o_d, b_r, mask=m_d)
 
 
-@triton.autotune(configs=CONFIGS, key=["L_BUCKET", "D"])
+@triton.autotune(configs=BWD_CONFIGS, key=["L_BUCKET", "D"])
 @triton.jit
 def _latent_attention_bwd_kernel(q, k, h, mask, pos, qcol, w, gs, gz, dq, dk, dh, L, D, HALF,
                                  stride_kb, stride_kl, stride_hb, stride_hl, sm_scale,

@@ -276,3 +276,25 @@ def test_data_warnings_count_each_kind():
     assert warnings[2].startswith("1 of 2 evaluation rows are also training rows:")
     assert data_warnings(ds, train[2:], evaluation[1:], train_split="train",
                          eval_split="test") == []
+
+
+def test_signal_handling_is_a_no_op_off_the_main_thread():
+    """main() called from a worker thread (a notebook, a launcher) must not crash on
+    signal.signal, which only the main thread may call."""
+    import threading
+
+    from fastlatent import shutdown
+
+    errors = []
+
+    def work():
+        try:
+            with shutdown.handle_signals():
+                shutdown.check("in a thread")
+        except Exception as err:  # pragma: no cover - the failure being tested for
+            errors.append(err)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert errors == []
