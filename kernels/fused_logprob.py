@@ -44,17 +44,23 @@ import triton.language as tl
 # configs needs a GPU driver); the interpreter is slow, so its tiles are small.
 if os.environ.get("TRITON_INTERPRET") == "1":
     CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_V": 64, "BLOCK_D": 32})]
+    DH_CONFIGS = DW_CONFIGS = CONFIGS
     COMBINE_CONFIGS = [triton.Config({"BLOCK_N": 16})]
 else:
-    # Compiled for sm_90 with 16-divisible D, V and strides (ptxas): 140-250 registers;
-    # no spills with bf16 inputs, at most 400 B in the 3xTF32 grad kernels (fp16, fp32).
-    CONFIGS = [
-        triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
-    ]
+    def _tile(n: int, v: int, d: int, warps: int, stages: int) -> triton.Config:
+        return triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_D": d}, num_warps=warps,
+                             num_stages=stages)
+
+    # benchmarks/compile_check.py (Triton 3.9, LatentR3 shapes, benchmarks/RESULTS.md):
+    # with bf16 inputs the forward never spills; the gradient kernels keep only the tiles
+    # that compile without spills on sm_80 and sm_90 (on sm_80 grad-hidden spilled 40 B
+    # at BLOCK_N = 32, grad-weight 64-416 B at the three larger tiles). With fp16/fp32
+    # inputs the gradients use 3xTF32 and spill at every tile (up to ~1 KB per thread on
+    # sm_90, far more on sm_80): the price of fp32-accurate gradients for those dtypes.
+    CONFIGS = [_tile(64, 128, 64, 8, 3), _tile(128, 128, 32, 8, 3), _tile(64, 64, 64, 4, 3),
+               _tile(64, 64, 32, 4, 4), _tile(32, 64, 64, 4, 3)]
+    DH_CONFIGS = CONFIGS[:4]
+    DW_CONFIGS = CONFIGS[3:]
     COMBINE_CONFIGS = [triton.Config({"BLOCK_N": 32}, num_warps=4)]
 
 IGNORE_INDEX: tl.constexpr = tl.constexpr(-100)
@@ -165,7 +171,7 @@ def _fused_logprob_combine_kernel(m_part, l_part, z_part, t, logp, lse, N, S,
     tl.store(logp + o_n, b_logp, mask=m_n)
 
 
-@triton.autotune(configs=CONFIGS, key=["V", "D"])
+@triton.autotune(configs=DH_CONFIGS, key=["V", "D"])
 @triton.jit
 def _fused_logprob_bwd_dh_kernel(h, w, t, lse, g, dh_part, N, V, D, stride_hn, stride_wv,
                                  LOGIT_PRECISION: tl.constexpr, LOGIT_OPERAND: tl.constexpr,
@@ -211,7 +217,7 @@ def _fused_logprob_bwd_dh_kernel(h, w, t, lse, g, dh_part, N, V, D, stride_hn, s
         tl.debug_barrier()
 
 
-@triton.autotune(configs=CONFIGS, key=["V", "D"])
+@triton.autotune(configs=DW_CONFIGS, key=["V", "D"])
 @triton.jit
 def _fused_logprob_bwd_dw_kernel(h, w, t, lse, g, dw, N, V, D, stride_hn, stride_wv,
                                  LOGIT_PRECISION: tl.constexpr, LOGIT_OPERAND: tl.constexpr,

@@ -202,7 +202,7 @@ def _fused_logprob_bwd(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: to
             grad_h = hidden.new_zeros(hidden.shape)
         else:
             s = num_splits or _vocab_splits(n, v, hidden.device,
-                                            min(c.kwargs["BLOCK_N"] for c in kern.CONFIGS))
+                                            min(c.kwargs["BLOCK_N"] for c in kern.DH_CONFIGS))
             s = max(1, min(s, _PARTIAL_BYTES // (4 * n * max(d, 1))))
             part = _alloc((s, n, d), hidden.device)
 
