@@ -27,8 +27,7 @@ import torch
 from fastlatent.errors import CheckpointError
 
 CHECKPOINTS = "checkpoints"
-COMPLETE_FILE, TRAINER_FILE, RATT_FILE, MODEL_DIR = (
-    "complete.json", "trainer.pt", "latent_ratt.safetensors", "model")
+COMPLETE_FILE, TRAINER_FILE, MODEL_DIR = "complete.json", "trainer.pt", "model"
 STAGE_ORDER = {"sft": 0, "rl": 1}
 KEEP = 2
 _NAME = re.compile(r"^(sft|rl)-(\d{8})$")
@@ -84,8 +83,6 @@ def save_training_state(output_dir: Path, state: TrainingState, reasoner,
                         scheduler: torch.optim.lr_scheduler.LRScheduler,
                         generator: torch.Generator | None = None) -> Path:
     """Write one complete checkpoint atomically; prune older ones; return its folder."""
-    from safetensors.torch import save_file
-
     root = Path(output_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     name = f"{state.stage}-{state.step:08d}"
@@ -97,8 +94,7 @@ def save_training_state(output_dir: Path, state: TrainingState, reasoner,
         if state.stage == "sft":
             reasoner.save(tmp / MODEL_DIR)
         else:
-            save_file({k: v.detach().contiguous().cpu()
-                       for k, v in reasoner.ratt.state_dict().items()}, str(tmp / RATT_FILE))
+            reasoner.save_ratt(tmp)
         torch.save({"state": state.__dict__, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": rng_states(generator)},
                    tmp / TRAINER_FILE)
@@ -176,19 +172,6 @@ def load_training_state(path: Path) -> LoadedCheckpoint:
                               ) from None
     return LoadedCheckpoint(path, state, payload["optimizer"], payload["scheduler"],
                             payload["rng"])
-
-
-def load_ratt_weights(reasoner, checkpoint: Path) -> None:
-    """Load an RL checkpoint's LatentRATT into ``reasoner`` (same shapes)."""
-    from safetensors.torch import load_file
-
-    file = Path(checkpoint) / RATT_FILE
-    try:
-        weights = load_file(str(file))
-    except Exception as err:
-        raise CheckpointError(f"{file}: cannot be read ({type(err).__name__}: {err})"
-                              ) from None
-    reasoner.ratt.load_state_dict(weights)
 
 
 def newest_loadable(output_dir: Path, warn: Callable[[str], None]

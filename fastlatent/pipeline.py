@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fastlatent.checkpoint import MODEL_DIR, LoadedCheckpoint, load_ratt_weights, newest_loadable
+from fastlatent.checkpoint import MODEL_DIR, LoadedCheckpoint, newest_loadable
 from fastlatent.config import Config
 from fastlatent.data.checks import report_data
 from fastlatent.data.example import Dataset, Example
@@ -101,12 +101,15 @@ class Progress:
             return cls(path, saved["done"], saved["metrics"])
         return cls(path, [], {})
 
-    def mark(self, milestone: str | None = None, metrics: dict[str, Any] | None = None,
-             stage: str | None = None) -> None:
-        if milestone:
-            self.done.append(milestone)
-        if metrics is not None and stage:
-            self.metrics[stage] = metrics
+    def finished(self, milestone: str) -> None:
+        self.done.append(milestone)
+        self._write()
+
+    def evaluated(self, stage: str, metrics: dict[str, Any]) -> None:
+        self.metrics[stage] = metrics
+        self._write()
+
+    def _write(self) -> None:
         write_json_atomic(self.path, {"done": self.done, "metrics": self.metrics})
 
 
@@ -131,14 +134,24 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
     seed, stage, dtype = cfg.run.seed, cfg.run.stage, cfg.model.dtype
     progress = Progress.open(out, resume=resume)
     loaded = newest_loadable(out, tqdm.write) if resume else None
+
+    def resumed(stage_name: str) -> LoadedCheckpoint | None:
+        return loaded if loaded is not None and loaded.state.stage == stage_name else None
+
     if stage in ("rl", "eval") and not cfg.run.checkpoint and cfg.model.model != "tiny-random":
         tqdm.write(f"note: --stage {stage} without --checkpoint starts from the base model "
                    f"{cfg.model.model!r}, not from an SFT checkpoint")
     dataset = load_dataset(cfg.data.data, seed=seed)
     splits = choose_splits(dataset, cfg)
-    for warning in report_data(dataset, splits.train, splits.eval, cfg.data, log):
-        notes.append(warning)
-    reasoner = build_reasoner(cfg, dataset, device)
+    notes.extend(report_data(dataset, splits.train, splits.eval, cfg.data, log))
+    sft_resume = resumed("sft") if stage in ("sft", "all") else None
+    if stage in ("sft", "all") and "sft:trained" in progress.done:
+        tqdm.write("resume: SFT already trained; loading its best checkpoint")
+        reasoner = LatentReasoner.load(out / "sft", dtype=dtype).to(device)
+    elif sft_resume is not None:
+        reasoner = LatentReasoner.load(sft_resume.path / MODEL_DIR, dtype=dtype).to(device)
+    else:
+        reasoner = build_reasoner(cfg, dataset, device)
     builder = PromptBuilder(reasoner.tokenizer, template=cfg.data.template,
                             domain=dataset.domain, release_domain=cfg.data.release_domain,
                             use_thought=reasoner.uses_latent)
@@ -153,9 +166,6 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
     train_kwargs = dict(grad_clip=cfg.train.grad_clip, output_dir=out, log=log, seed=seed,
                         save_every=cfg.train.save_every,
                         max_nonfinite_steps=cfg.train.max_nonfinite_steps)
-
-    def resumed(stage_name: str) -> LoadedCheckpoint | None:
-        return loaded if loaded is not None and loaded.state.stage == stage_name else None
 
     def run_eval(name: str) -> None:
         if name in progress.metrics:
@@ -174,20 +184,13 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
         predictions.extend({"stage": name, **row, "target_nll": v}
                            for row, v in zip(result.predictions, nll, strict=True))
         write_jsonl_atomic(out / "predictions.jsonl", predictions)
-        progress.mark(metrics=stage_metrics, stage=name)
+        progress.evaluated(name, stage_metrics)
         log.write(name, "eval", **stage_metrics)
 
     if stage in ("sft", "all"):
-        if "sft:trained" in progress.done:
-            tqdm.write("resume: SFT already trained; loading its best checkpoint")
-            reasoner = LatentReasoner.load(out / "sft", dtype=dtype).to(device)
-        else:
-            sft_resume = resumed("sft")
+        if "sft:trained" not in progress.done:
             if sft_resume is None:
                 seed_everything(seed)
-            else:
-                reasoner = LatentReasoner.load(sft_resume.path / MODEL_DIR,
-                                               dtype=dtype).to(device)
             encode = builder.encode
             train = [encode(ex) for ex in seeded_sample(splits.train, cfg.data.sft_limit, seed)]
             valid = [encode(ex) for ex in splits.valid]
@@ -196,7 +199,7 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
             if result.epochs_run - 1 != result.best_epoch:
                 tqdm.write(f"SFT: reloading the best checkpoint (epoch {result.best_epoch + 1})")
                 reasoner = LatentReasoner.load(result.checkpoint, dtype=dtype).to(device)
-            progress.mark("sft:trained")
+            progress.finished("sft:trained")
         run_eval("sft")
     if stage == "all" and reasoner.ratt is None:
         note = (f"RL skipped: latent={reasoner.config.latent!r} has no LatentRATT to train "
@@ -206,7 +209,7 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
     elif stage in ("rl", "all"):
         if "rl:trained" in progress.done:
             tqdm.write("resume: RL already trained; loading its checkpoint")
-            load_ratt_weights(reasoner, out / "rl")
+            reasoner.load_ratt(out / "rl")
         else:
             rl_resume = resumed("rl")
             if rl_resume is None:
@@ -215,7 +218,7 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
                        for ex in seeded_sample(splits.train, cfg.data.rl_limit, seed + 1)]
             rl_result = run_rl(reasoner, prompts, cfg.rl, resume=rl_resume, **train_kwargs)
             notes.extend(rl_result.notes)
-            progress.mark("rl:trained")
+            progress.finished("rl:trained")
         run_eval("rl")
     if stage == "eval":
         run_eval("eval")

@@ -19,7 +19,6 @@ from fastlatent.checkpoint import (
     LoadedCheckpoint,
     TrainingState,
     checkpoint_after_step,
-    load_ratt_weights,
     restore_optimisation,
 )
 from fastlatent.config import RLConfig
@@ -141,7 +140,7 @@ def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLC
                   k=cfg.num_samples, sigma=cfg.sigma, advantage=cfg.advantage,
                   warmup_steps=warmup, note=note)
     else:
-        load_ratt_weights(reasoner, resume.path)
+        reasoner.load_ratt(resume.path)
         state = restore_optimisation(resume, "rl", optimizer, scheduler, generator)
         log.write("rl", "resume", step=state.step, epoch=state.epoch, batch=state.batch,
                   path=str(resume.path))
@@ -173,14 +172,14 @@ def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLC
                       grad_norm=grad_norm, lr=lr, prompts=len(batch), skipped=not applied)
             guard.update(applied, state.step, {"loss": out.loss, "reward_r0": reward0,
                                                "grad_norm": grad_norm})
-            done = state.step >= total_steps or state.batch == len(batches)
-            if done:
-                state.epoch, state.batch = (epoch + 1, 0) if state.batch == len(batches) \
-                    else (epoch, state.batch)
+            if state.batch == len(batches):
+                state.epoch, state.batch = epoch + 1, 0
+            stage_or_epoch_over = state.batch == 0 or state.step >= total_steps
+            if stage_or_epoch_over:
                 reasoner.save(checkpoint)
             checkpoint_after_step(output_dir, state, reasoner, optimizer, scheduler,
                                   save_every=save_every, log=log, generator=generator,
-                                  final=done)
+                                  final=stage_or_epoch_over)
     bar.close()
     return RLResult(state.step, x["first"], x["last"], checkpoint, warmup,
                     [note] if note else [])

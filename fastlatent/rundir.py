@@ -63,18 +63,28 @@ def release_lock(lock: Path) -> None:
     lock.unlink(missing_ok=True)
 
 
+def read_manifest(out: Path) -> dict[str, Any]:
+    """The run.json of the run in ``out`` (for ``--resume``)."""
+    path = Path(out) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunFolderError(f"--resume: {path} does not exist, so there is no run to "
+                             "continue in --output-dir; drop --resume to start one") from None
+    except (OSError, ValueError) as err:
+        raise RunFolderError(f"--resume: {path} is unreadable ({err})") from None
+    if not isinstance(manifest, dict) or "config" not in manifest:
+        raise RunFolderError(f"--resume: {path} has no configuration; it was not written "
+                             "by fastlatent.train")
+    return manifest
+
+
 def prepare_folder(out: Path, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
     """Check (and for ``overwrite`` clear) the folder, under the lock the caller holds.
     Returns the earlier run's manifest when resuming."""
     manifest_path = out / MANIFEST
     if resume:
-        if not manifest_path.is_file():
-            raise RunFolderError(f"{out}: --resume found no {MANIFEST}, so there is no run "
-                                 "here to continue; drop --resume to start one")
-        try:
-            return json.loads(manifest_path.read_text(encoding="utf-8"))
-        except ValueError as err:
-            raise RunFolderError(f"{manifest_path}: unreadable ({err})") from None
+        return read_manifest(out)
     present = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
     if present and not overwrite:
         what = "an earlier run" if manifest_path.exists() else f"files ({present[:5]})"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
-import json
 import os
 import platform
 import subprocess
@@ -34,7 +33,7 @@ from fastlatent.config import (
 from fastlatent.errors import UserError
 from fastlatent.metrics import BASELINE
 from fastlatent.model.reasoner import read_checkpoint_config
-from fastlatent.rundir import RunFolder
+from fastlatent.rundir import RunFolder, read_manifest
 from fastlatent.runlog import StepLog, write_json_atomic
 
 METRIC_KEYS = ("hr@5", "hr@10", "ndcg@5", "ndcg@10")
@@ -96,14 +95,7 @@ RESUME_MAY_CHANGE = frozenset({"resume", "output_dir", "device", "save_every"})
 def resumed_config(cfg: Config, explicit: set[str]) -> Config:
     """The configuration of the run in ``--output-dir`` (from its run.json); flags given
     with ``--resume`` must agree with it, or the resumed run would not be that run."""
-    manifest = Path(cfg.run.output_dir) / "run.json"
-    try:
-        saved = json.loads(manifest.read_text(encoding="utf-8"))["config"]
-    except FileNotFoundError:
-        raise ConfigError(f"--resume: {manifest} does not exist, so there is no run to "
-                          "continue in --output-dir; drop --resume to start one") from None
-    except (OSError, ValueError, KeyError) as err:
-        raise ConfigError(f"--resume: {manifest} is unreadable ({err})") from None
+    saved = read_manifest(Path(cfg.run.output_dir))["config"]
     resumed = build_config(saved["run"]["preset"], {
         name: value for section in saved.values() for name, value in section.items()
         if name != "preset"})

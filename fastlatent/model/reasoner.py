@@ -188,8 +188,6 @@ class LatentReasoner(nn.Module):
         Atomic: everything goes to a temporary sibling directory that replaces
         ``directory`` only once complete, so a crash never leaves a half checkpoint.
         """
-        from safetensors.torch import save_file
-
         target = Path(directory)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
@@ -198,9 +196,7 @@ class LatentReasoner(nn.Module):
         self.llm.save_pretrained(tmp / LLM_DIR)
         self.tokenizer.save_pretrained(tmp / LLM_DIR)
         if self.ratt is not None:
-            state = {k: v.detach().float().contiguous().cpu()
-                     for k, v in self.ratt.state_dict().items()}
-            save_file(state, str(tmp / RATT_FILE))
+            self.save_ratt(tmp)
         meta = {"format_version": FORMAT_VERSION, "hidden_size": self.llm.config.hidden_size,
                 **asdict(self.config)}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -211,9 +207,22 @@ class LatentReasoner(nn.Module):
         shutil.rmtree(old, ignore_errors=True)
         return target
 
+    def save_ratt(self, directory: str | os.PathLike) -> Path:
+        """Write LatentRATT's fp32 weights to ``directory/latent_ratt.safetensors`` (what a
+        checkpoint and an RL training checkpoint hold of it)."""
+        from safetensors.torch import save_file
+
+        path = Path(directory) / RATT_FILE
+        save_file({k: v.detach().float().contiguous().cpu()
+                   for k, v in self.ratt.state_dict().items()}, str(path))
+        return path
+
+    def load_ratt(self, directory: str | os.PathLike) -> None:
+        """Load LatentRATT's weights saved by :meth:`save_ratt` (same shapes)."""
+        load_ratt_state(self.ratt, directory)
+
     @classmethod
     def load(cls, directory: str | os.PathLike, *, dtype: str | None = None) -> LatentReasoner:
-        from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from fastlatent.model.loading import DTYPES
@@ -233,11 +242,7 @@ class LatentReasoner(nn.Module):
         ratt = None
         if config.latent == "ratt":
             ratt = LatentRATT(hidden_size, config.ratt_heads, config.ratt_rope_base)
-            try:
-                ratt.load_state_dict(load_file(str(src / RATT_FILE)))
-            except Exception as err:
-                raise CheckpointError(f"{src / RATT_FILE}: LatentRATT cannot be loaded "
-                                      f"({type(err).__name__}: {err})") from None
+            load_ratt_state(ratt, src)
         return cls(llm, tokenizer, config, ratt)
 
 
@@ -263,3 +268,16 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: unexpected contents (unknown keys {sorted(unknown)} "
                               f"or no hidden_size); the checkpoint is damaged")
     return meta
+
+
+def load_ratt_state(ratt: LatentRATT, directory: str | os.PathLike) -> None:
+    """Load ``directory/latent_ratt.safetensors`` into ``ratt``; a missing or damaged file
+    is a :class:`CheckpointError` naming it."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / RATT_FILE
+    try:
+        ratt.load_state_dict(load_file(str(path)))
+    except Exception as err:  # safetensors and torch raise many types for a bad file
+        raise CheckpointError(f"{path}: LatentRATT cannot be loaded "
+                              f"({type(err).__name__}: {err})") from None

@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from fastlatent.ops._launch import interpreting
+
 ENV_VAR = "FASTLATENT_BACKEND"
 CHOICES = ("auto", "triton", "torch")
 
@@ -28,6 +30,6 @@ def resolve_backend(device: torch.device, override: str | None = None,
         requested = "triton" if device.type == "cuda" else "torch"
     if requested == "torch" or "triton" not in available:
         return "torch"
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type != "cuda" and not interpreting():
         return "torch"
     return "triton"

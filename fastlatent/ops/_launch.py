@@ -3,7 +3,14 @@ unit-inner-stride rule, and bucketed autotune keys."""
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def alloc(shape: tuple[int, ...], device: torch.device,

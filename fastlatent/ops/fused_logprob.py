@@ -19,13 +19,13 @@ dtypes use the PyTorch path); its tile sizes come from the kernels' autotune con
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from fastlatent.ops._backend import resolve_backend
 from fastlatent.ops._launch import alloc as _alloc
 from fastlatent.ops._launch import cdiv as _cdiv
+from fastlatent.ops._launch import interpreting
 
 IGNORE_INDEX = -100
 VOCAB_TILE = 8192
@@ -140,8 +140,7 @@ def _logit_operand(hidden: torch.Tensor, weight: torch.Tensor) -> str:
     otherwise and under the interpreter (whose bf16 arithmetic is wrong)."""
     same_low = hidden.dtype == weight.dtype and hidden.dtype in (torch.float16,
                                                                   torch.bfloat16)
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    return str(hidden.dtype).removeprefix("torch.") if same_low and not interpreting \
+    return str(hidden.dtype).removeprefix("torch.") if same_low and not interpreting() \
         else "float32"
 
 
