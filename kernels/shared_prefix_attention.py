@@ -2,28 +2,31 @@
 
 Launchers, the autograd wrapper and the PyTorch path live in
 ``fastlatent/ops/shared_prefix_attention.py``. Shapes: q [R, H, T, D], suffix k/v
-[R, Hkv, S, D], prompt k/v [G, Hkv, L, D], R = G * P (P = rows_per_group), H = Hkv * NREP.
+[R, Hkv, S, D], prompt k/v [G, Hkv, L, D], common k/v [1, Hkv, C, D] (C = 0: none),
+R = G * P (P = rows_per_group), H = Hkv * NREP.
 
 Query stacking. For group g and kv head h, the M = P * NREP * T queries that use that kv
 head are one flattened axis, m = (p * NREP + j) * T + t (row g * P + p, query head
 h * NREP + j, token t). A program takes BLOCK_M consecutive m of one (g, h), so the
 prompt's K/V tiles are read once per query block of the group (not once per row).
 
-Keys. Both key sets are walked as a flattened (key row, slot) axis n = kp * NK + ks:
-the prompt with one key row per group (NK = L), the suffix with the P rows of the group
-(NK = S; a query block only walks the key rows of the query rows it holds). Query m may
+Keys. Every key set is walked as a flattened (key row, slot) axis n = kp * NK + ks: the
+common keys with one key row for the batch (NK = C, all real), the prompt with one key
+row per group (NK = L), the suffix with the P rows of the group (NK = S; a query block
+only walks the key rows of the query rows it holds). Query m may
 see key n when the slot is real (prefix_mask / suffix_valid) and, for the suffix, when
 kp = p and ks <= S - T + t.
 
-    fwd:  one online softmax over prompt tiles, then suffix tiles (so no LSE merge);
+    fwd:  one online softmax over common, prompt, then suffix tiles (so no LSE merge);
           out = sum_n exp(s_mn - lse_m) v_n, lse_m = log sum_n exp(s_mn), s = scale q.k
           a query with no visible key gets out = 0, lse = -inf.
     bwd:  p = exp(s - lse), dp = do . v, ds = p (dp - delta), delta_m = do_m . out_m
           dq = scale sum_n ds k_n;  dk_n = scale sum_m ds q_m;  dv_n = sum_m p do_m
           dq: grid (G, Hkv, query blocks); dk/dv: grid (G, Hkv, key blocks), one launch
           for the prompt keys (over every query of the group) and one for the suffix keys
-          (over the query rows of the block's key rows). Every output element is owned by
-          one program: no atomics, deterministic.
+          (over the query rows of the block's key rows); the common keys take the prompt
+          launch with one group of all R rows (grid (1, Hkv, key blocks)). Every output
+          element is owned by one program: no atomics, deterministic.
 
 Dtype policy: every load is converted to fp32 right after ``tl.load`` (the interpreter's
 bf16 arithmetic is wrong); scores, softmax statistics, accumulators and gradients are fp32;
@@ -121,10 +124,11 @@ def _suffix_allow(b_ok, kp, ks, q_p, q_t, S, T):
 @triton.autotune(configs=FWD_CONFIGS, key=["M_BUCKET", "D"])
 @triton.jit
 def _shared_prefix_attention_fwd_kernel(
-        q, k, v, sv, pk, pv, pm, o, lse, scale, P, NREP, T, S, L, D, M,
+        q, k, v, sv, pk, pv, pm, ck, cv, cm, o, lse, scale, P, NREP, T, S, L, C, D, M,
         stride_q0, stride_q1, stride_q2, stride_k0, stride_k1, stride_k2,
         stride_v0, stride_v1, stride_v2, stride_pk0, stride_pk1, stride_pk2,
-        stride_pv0, stride_pv1, stride_pv2, stride_o0, stride_o1, stride_o2, M_BUCKET,
+        stride_pv0, stride_pv1, stride_pv2, stride_ck1, stride_ck2, stride_cv1, stride_cv2,
+        stride_o0, stride_o1, stride_o2, M_BUCKET,
         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr):
     """Grid (G, Hkv, query blocks). Writes out [R, H, T, D] and lse [R, H, T] (fp32,
@@ -143,6 +147,15 @@ def _shared_prefix_attention_fwd_kernel(
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # common keys (C = 0: none): one key row for the whole batch, all real
+    for i_n in range(0, tl.cdiv(C, BLOCK_N)):
+        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        b_k, b_v, b_ok, kp, ks = _load_keys(ck + i_h * stride_ck1, cv + i_h * stride_cv1, cm,
+                                            0, o_n, C, C, 0, stride_ck2, 0, stride_cv2, o_d,
+                                            m_d)
+        b_allow = b_ok[None, :] & m_m[:, None]
+        b_m, b_l, b_acc = _online_step(b_q, b_k, b_v, b_allow, b_m, b_l, b_acc, scale,
+                                       PRECISION)
     # prompt: one key row (the group's), every query of the block sees every real slot
     for i_n in range(0, tl.cdiv(L, BLOCK_N)):
         o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -197,10 +210,11 @@ def _load_query_stats(lse, delta, q_row, q_head, q_t, H, T, m_m):
 @triton.autotune(configs=DQ_CONFIGS, key=["M_BUCKET", "D"])
 @triton.jit
 def _shared_prefix_attention_bwd_dq_kernel(
-        q, k, v, sv, pk, pv, pm, do, lse, delta, dq, scale, P, NREP, T, S, L, D, M,
-        stride_q0, stride_q1, stride_q2, stride_k0, stride_k1, stride_k2,
+        q, k, v, sv, pk, pv, pm, ck, cv, cm, do, lse, delta, dq, scale, P, NREP, T, S, L, C,
+        D, M, stride_q0, stride_q1, stride_q2, stride_k0, stride_k1, stride_k2,
         stride_v0, stride_v1, stride_v2, stride_pk0, stride_pk1, stride_pk2,
-        stride_pv0, stride_pv1, stride_pv2, stride_o0, stride_o1, stride_o2, M_BUCKET,
+        stride_pv0, stride_pv1, stride_pv2, stride_ck1, stride_ck2, stride_cv1, stride_cv2,
+        stride_o0, stride_o1, stride_o2, M_BUCKET,
         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr):
     """Grid (G, Hkv, query blocks). dq [R, H, T, D] (strides of do) for the block."""
@@ -219,6 +233,15 @@ def _shared_prefix_attention_bwd_dq_kernel(
                                        NREP * tl.num_programs(1), T, m_m)
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for i_n in range(0, tl.cdiv(C, BLOCK_N)):
+        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        b_k, b_v, b_ok, kp, ks = _load_keys(ck + i_h * stride_ck1, cv + i_h * stride_cv1, cm,
+                                            0, o_n, C, C, 0, stride_ck2, 0, stride_cv2, o_d,
+                                            m_d)
+        b_allow = b_ok[None, :] & m_m[:, None]
+        b_p, b_ds = _probs_and_dscores(b_q, b_do, b_lse, b_delta, b_k, b_v, b_allow, scale,
+                                       PRECISION)
+        b_dq = tl.dot(b_ds, b_k, b_dq, input_precision=PRECISION)
     for i_n in range(0, tl.cdiv(L, BLOCK_N)):
         o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
         b_k, b_v, b_ok, kp, ks = _load_keys(pk + i_h * stride_pk1, pv + i_h * stride_pv1, pm,

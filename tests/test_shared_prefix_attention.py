@@ -14,9 +14,10 @@ HKV, L, CACHED = 2, 7, 3  # kv heads, prompt width, suffix slots cached before t
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=5e-3, atol=5e-3)}
 
 
-def make_inputs(g, rows_per_group, t, n_rep, d, dtype, seed=0):
+def make_inputs(g, rows_per_group, t, n_rep, d, dtype, seed=0, common=0):
     """Ragged left-padded prompts (one of them empty when g == 3), random suffix validity
-    (non-contiguous slots happen after beam reordering), S = T + CACHED."""
+    (non-contiguous slots happen after beam reordering), S = T + CACHED; with ``common``
+    > 0, that many keys common to every group."""
     gen = torch.Generator().manual_seed(seed)
     r, s = g * rows_per_group, t + CACHED
 
@@ -27,10 +28,17 @@ def make_inputs(g, rows_per_group, t, n_rep, d, dtype, seed=0):
     prefix_mask = (torch.arange(L)[None, :] >= L - lengths[:, None]).long()
     suffix_valid = torch.rand(r, s, generator=gen) < 0.7
     suffix_valid[0, -1] = True  # at least one valid query even over the empty prompt
-    return dict(q=rand(r, HKV * n_rep, t, d), k=rand(r, HKV, s, d), v=rand(r, HKV, s, d),
-                suffix_valid=suffix_valid, prefix_k=rand(g, HKV, L, d),
-                prefix_v=rand(g, HKV, L, d), prefix_mask=prefix_mask,
-                rows_per_group=rows_per_group, scale=d ** -0.5)
+    inputs = dict(q=rand(r, HKV * n_rep, t, d), k=rand(r, HKV, s, d), v=rand(r, HKV, s, d),
+                  suffix_valid=suffix_valid, prefix_k=rand(g, HKV, L, d),
+                  prefix_v=rand(g, HKV, L, d), prefix_mask=prefix_mask,
+                  rows_per_group=rows_per_group, scale=d ** -0.5)
+    if common:
+        inputs.update(common_k=rand(1, HKV, common, d), common_v=rand(1, HKV, common, d))
+    return inputs
+
+
+def grad_names(inputs):
+    return [n for n in GRAD_NAMES + ("common_k", "common_v") if n in inputs]
 
 
 def query_valid(inputs):
@@ -42,16 +50,18 @@ def query_valid(inputs):
 GRAD_NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
 
 
+@pytest.mark.parametrize("common", [0, 1, 5], ids=["C0", "C1", "C5"])
 @pytest.mark.parametrize("d", [6, 8], ids=["D6", "D8"])
 @pytest.mark.parametrize("n_rep", [1, 3], ids=["rep1", "rep3"])
 @pytest.mark.parametrize("t", [1, 5], ids=["T1", "T5"])
 @pytest.mark.parametrize("rows_per_group", [1, 4], ids=["P1", "P4"])
 @pytest.mark.parametrize("g", [1, 3], ids=["G1", "G3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_forward_and_gradients_match_oracle(g, rows_per_group, t, n_rep, d, dtype):
-    inputs = make_inputs(g, rows_per_group, t, n_rep, d, dtype)
-    ref_in = {n: inputs[n].double().requires_grad_() for n in GRAD_NAMES}
-    tri_in = {n: inputs[n].clone().requires_grad_() for n in GRAD_NAMES}
+def test_forward_and_gradients_match_oracle(g, rows_per_group, t, n_rep, d, dtype, common):
+    inputs = make_inputs(g, rows_per_group, t, n_rep, d, dtype, common=common)
+    names = grad_names(inputs)
+    ref_in = {n: inputs[n].double().requires_grad_() for n in names}
+    tri_in = {n: inputs[n].clone().requires_grad_() for n in names}
     ref = naive_shared_prefix_attention(**{**inputs, **ref_in})
     out = shared_prefix_attention(**{**inputs, **tri_in})
     assert out.dtype == dtype and out.shape == inputs["q"].shape
@@ -62,7 +72,7 @@ def test_forward_and_gradients_match_oracle(g, rows_per_group, t, n_rep, d, dtyp
     upstream = torch.randn(ref.shape, dtype=torch.float64) * keep
     ref_grads = torch.autograd.grad(ref, list(ref_in.values()), upstream)
     tri_grads = torch.autograd.grad(out, list(tri_in.values()), upstream.to(dtype))
-    for name, ref_g, tri_g in zip(GRAD_NAMES, ref_grads, tri_grads, strict=True):
+    for name, ref_g, tri_g in zip(names, ref_grads, tri_grads, strict=True):
         assert tri_g.dtype == dtype and bool(torch.isfinite(tri_g).all()), name
         torch.testing.assert_close(tri_g.double(), ref_g, **tol, msg=lambda m, n=name: f"{n}: {m}")
 
@@ -104,6 +114,24 @@ def test_prefix_is_read_once_per_group(monkeypatch):
     assert len(prefix_batches) == 2 and set(prefix_batches) == {1}
 
 
+def test_common_keys_are_read_once_per_batch(monkeypatch):
+    """3 groups x 4 rows over 6 common keys: the common K/V enter exactly two matmuls (the
+    scores and the values), unbatched over groups and rows -- read once for the batch,
+    never copied per group or row."""
+    inputs = make_inputs(3, 4, 2, 1, 8, torch.float32, common=6)
+    original, shapes = torch.matmul, []
+
+    def recording_matmul(a, b):
+        shapes.append((tuple(a.shape), tuple(b.shape)))
+        return original(a, b)
+
+    monkeypatch.setattr(torch, "matmul", recording_matmul)
+    shared_prefix_attention(**inputs)
+    common = [(a, b) for a, b in shapes if 6 in (b[-1], b[-2])]
+    assert len(common) == 2
+    assert all(len(a) == 3 and a[0] == HKV for a, _ in common)  # [Hkv, all queries, .]
+
+
 @pytest.mark.parametrize("change,match", [
     (dict(rows_per_group=3), "rows_per_group"),
     (dict(k=torch.zeros(4, 2, 1, 8)), "S >= query tokens"),
@@ -115,9 +143,14 @@ def test_prefix_is_read_once_per_group(monkeypatch):
     (dict(prefix_mask=torch.ones(1, 6)), "prefix_mask"),
     (dict(q=torch.zeros(4, 2, 2, 8, dtype=torch.float64)), "dtype"),
     (dict(q=torch.zeros(4, 2, 2)), "rank 4"),
+    (dict(common_k=torch.zeros(1, 2, 3, 8)), "common_k and common_v"),
+    (dict(common_k=torch.zeros(2, 2, 3, 8), common_v=torch.zeros(2, 2, 3, 8)),
+     "expected common_k"),
+    (dict(common_k=torch.zeros(1, 2, 3, 8), common_v=torch.zeros(1, 2, 3, 8,
+                                                              dtype=torch.float16)), "dtype"),
 ], ids=["groups", "short-suffix", "heads", "v-shape", "prefix-k-shape", "prefix-v-shape",
-        "valid-shape",
-        "mask-shape", "dtype", "rank"])
+        "valid-shape", "mask-shape", "dtype", "rank", "common-alone", "common-groups",
+        "common-dtype"])
 def test_bad_inputs_raise(change, match):
     inputs = make_inputs(1, 4, 2, 1, 8, torch.float32)
     with pytest.raises(ValueError, match=match):

@@ -141,6 +141,45 @@ def test_matches_torch_and_oracle(g, rows_per_group, t, cached, n_rep, d, dtype,
     assert not any(bool(torch.isnan(b).any()) for b in poisoned)
 
 
+COMMON_NAMES = GRAD_NAMES + ("common_k", "common_v")
+
+
+@pytest.mark.parametrize("g,rows_per_group,t,cached,n_rep,d,dtype,common", [
+    (3, 4, 5, 3, 3, 6, torch.float32, 5),
+    (1, 1, 1, 0, 1, 8, torch.float16, 1),
+    (2, 3, 4, 2, 2, 8, torch.float32, 37),  # common keys over several tiles
+], ids=["G3-P4-C5-fp32", "G1-P1-C1-fp16", "G2-P3-C37-fp32"])
+def test_common_keys_match_torch_and_oracle(g, rows_per_group, t, cached, n_rep, d, dtype,
+                                            common, poisoned):
+    """The third level: keys common to every group, seen by every query first."""
+    inputs = make_inputs(g, rows_per_group, t, cached, n_rep, d, dtype, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    for name in ("common_k", "common_v"):
+        inputs[name] = torch.randn(1, HKV, common, d, generator=gen).to(dtype).to(DEVICE)
+    ref_in = {n: inputs[n].double().requires_grad_() for n in COMMON_NAMES}
+    tor_in = {n: inputs[n].clone().requires_grad_() for n in COMMON_NAMES}
+    tri_in = {n: inputs[n].clone().requires_grad_() for n in COMMON_NAMES}
+    keep = query_valid(inputs)
+    ref = naive_shared_prefix_attention(**{**inputs, **ref_in})
+    tor = shared_prefix_attention(**{**inputs, **tor_in}, backend="torch")
+    tri = shared_prefix_attention(**{**inputs, **tri_in}, backend="triton")
+    torch.testing.assert_close(tri.double() * keep, ref * keep, **TOL[dtype])
+    assert_within_twice_torch(tri * keep, tor * keep, ref * keep, dtype, "out")
+    upstream = torch.randn(ref.shape, dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(1)).to(DEVICE) * keep
+    ref_g = torch.autograd.grad(ref, list(ref_in.values()), upstream)
+    tor_g = torch.autograd.grad(tor, list(tor_in.values()), upstream.to(dtype))
+    tri_g = torch.autograd.grad(tri, list(tri_in.values()), upstream.to(dtype))
+    for name, r_, o_, t_ in zip(COMMON_NAMES, ref_g, tor_g, tri_g, strict=True):
+        assert t_.dtype == dtype and bool(torch.isfinite(t_).all()), name
+        torch.testing.assert_close(t_.double(), r_, **TOL[dtype],
+                                   msg=lambda m, n=name: f"{n}: {m}")
+        assert_within_twice_torch(t_, o_, r_, dtype, name)
+    # out, lse, dq, dk, dv, dprefix_k/v, dcommon_k/v: all written in full
+    assert len(poisoned) == 9
+    assert not any(bool(torch.isnan(b).any()) for b in poisoned)
+
+
 def test_long_prompt_spans_several_tiles():
     """A prompt of several key tiles (ragged), more queries than one query block."""
     inputs = make_inputs(2, 3, 4, 2, 2, 8, torch.float32, seed=5, length=37)

@@ -1,12 +1,15 @@
-"""Shared-prefix (cascade) attention: many suffix rows over one prompt's KV cache.
+"""Shared-prefix (cascade) attention: many suffix rows over one prompt's KV cache, and
+optionally over a block of keys common to every prompt of the batch.
 
 R suffix rows are grouped contiguously, ``rows_per_group`` per prompt (K latent samples or
-beams). Every row attends to its group's prompt keys and, causally, to its own suffix
-keys. The prompt part is one batched matmul per group, the rows' queries stacked along
-the query axis, so prompt K/V are read once per group and never copied per row; the two
-parts are merged by their log-sum-exp:
+beams). Every row attends to the batch's common keys (if given: the instruction every
+prompt starts with), to its group's prompt keys and, causally, to its own suffix keys: a
+tree of three levels. The common part is one matmul with every query of the batch
+stacked, the prompt part one batched matmul per group with the group's queries stacked,
+so common K/V are read once per batch and prompt K/V once per group, never copied per
+group or row; the parts are merged by their log-sum-exp:
 
-    out = (e^{lse_p} o_p + e^{lse_s} o_s) / (e^{lse_p} + e^{lse_s})
+    out = (e^{lse_c} o_c + e^{lse_p} o_p + e^{lse_s} o_s) / (e^{lse_c} + e^{lse_p} + e^{lse_s})
 
 Dtype policy: the score and value matmuls run in the input dtype (fp32 accumulation on
 every device we target); scaling, softmax, log-sum-exp and the merge are fp32; the output
@@ -34,8 +37,12 @@ from fastlatent.ops._launch import unit_inner as _unit_inner
 
 
 def _check_inputs(q, k, v, suffix_valid, prefix_k, prefix_v, prefix_mask,
-                  rows_per_group: int) -> None:
+                  rows_per_group: int, common_k=None, common_v=None) -> None:
     tensors = {"q": q, "k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v}
+    if (common_k is None) != (common_v is None):
+        raise ValueError("expected both common_k and common_v, or neither")
+    if common_k is not None:
+        tensors.update(common_k=common_k, common_v=common_v)
     for name, t in tensors.items():
         if t.dim() != 4:
             raise ValueError(f"expected {name} of rank 4, got shape {tuple(t.shape)}")
@@ -54,6 +61,9 @@ def _check_inputs(q, k, v, suffix_valid, prefix_k, prefix_v, prefix_mask,
         raise ValueError(f"expected suffix keys S >= query tokens T, got S={s}, T={t}")
     expected = {"k": (r, hkv, s, d), "v": (r, hkv, s, d), "prefix_k": (g, hkv, length, d),
                 "prefix_v": (g, hkv, length, d)}
+    if common_k is not None:
+        c = common_k.shape[2]
+        expected.update(common_k=(1, hkv, c, d), common_v=(1, hkv, c, d))
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
             raise ValueError(f"expected {name} {list(shape)}, got {list(tensors[name].shape)}")
@@ -61,7 +71,8 @@ def _check_inputs(q, k, v, suffix_valid, prefix_k, prefix_v, prefix_mask,
         raise ValueError(f"expected suffix_valid [{r}, {s}] and prefix_mask [{g}, {length}], "
                          f"got {list(suffix_valid.shape)} and {list(prefix_mask.shape)}")
     if not q.is_floating_point() or any(x.dtype != q.dtype for x in tensors.values()):
-        raise ValueError(f"expected q, k, v, prefix_k, prefix_v of one floating dtype, got "
+        raise ValueError(f"expected q, k, v, prefix_k, prefix_v (common_k, common_v) of one "
+                         f"floating dtype, got "
                          f"{[str(x.dtype) for x in tensors.values()]}")
     devices = {x.device for x in (*tensors.values(), suffix_valid, prefix_mask)}
     if len(devices) != 1:
@@ -102,7 +113,9 @@ def _merge_by_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
 def shared_prefix_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   suffix_valid: torch.Tensor, prefix_k: torch.Tensor,
                                   prefix_v: torch.Tensor, prefix_mask: torch.Tensor,
-                                  rows_per_group: int, *, scale: float) -> torch.Tensor:
+                                  rows_per_group: int, *, scale: float,
+                                  common_k: torch.Tensor | None = None,
+                                  common_v: torch.Tensor | None = None) -> torch.Tensor:
     """The cascade algorithm in plain, differentiable PyTorch (shapes as in
     :func:`shared_prefix_attention`; inputs are not validated here)."""
     r, h, t, d = q.shape
@@ -123,7 +136,18 @@ def shared_prefix_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     causal = torch.arange(s, device=q.device)[None, :] <= query_at[:, None]  # [T, S]
     allowed = (causal[None] & suffix_valid.bool()[:, None, :]).repeat(1, n_rep, 1)
     out_s, lse_s = _attend_with_lse(scores, allowed[:, None], v)
-    out = _merge_by_lse(out_p, lse_p, out_s.view(r, h, t, d), lse_s.view(r, h, t))
+    out_s, lse_s = out_s.view(r, h, t, d), lse_s.view(r, h, t)
+    if common_k is not None and common_k.shape[2] > 0:
+        # Common keys: every query of the batch that uses kv head h, stacked.
+        q_all = q.reshape(r, hkv, n_rep * t, d).transpose(0, 1).reshape(hkv, r * n_rep * t, d)
+        scores = torch.matmul(q_all, common_k[0].transpose(-1, -2)).float() * scale
+        out_c, lse_c = _attend_with_lse(scores, torch.ones((), dtype=torch.bool,
+                                                           device=q.device), common_v[0])
+        out_c = out_c.view(hkv, r, n_rep * t, d).transpose(0, 1).reshape(r, h, t, d)
+        lse_c = lse_c.view(hkv, r, n_rep * t).transpose(0, 1).reshape(r, h, t)
+        out_p, lse_p = (_merge_by_lse(out_c, lse_c, out_p, lse_p),
+                        torch.logaddexp(lse_c, lse_p))
+    out = _merge_by_lse(out_p, lse_p, out_s, lse_s)
     return out.to(q.dtype)
 
 
@@ -148,17 +172,26 @@ def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _shared_prefix_attention_fwd(q, k, v, valid, prefix_k, prefix_v, prefix_ok,
-                                 rows_per_group: int, scale: float):
-    """Triton forward. Tensors have unit inner stride; ``valid`` and ``prefix_ok`` are
-    contiguous int8. Returns (out [R, H, T, D] fp32, lse [R, H, T] fp32). The output stays
-    fp32 for the backward's delta = rowsum(dout * out): with an fp16-rounded output the
-    key gradients lose more than the PyTorch path does."""
+def _common_or_empty(common_k, common_v, prefix_k, prefix_v):
+    """The common keys/values and their all-real int8 mask; without them, empty [1, Hkv,
+    0, D] views (C = 0: the kernels' common loop runs zero times)."""
+    if common_k is None:
+        common_k, common_v = prefix_k[:1, :, :0], prefix_v[:1, :, :0]
+    ok = torch.ones(1, common_k.shape[2], dtype=torch.int8, device=common_k.device)
+    return common_k, common_v, ok
+
+
+def _shared_prefix_attention_fwd(q, k, v, valid, prefix_k, prefix_v, prefix_ok, common_k,
+                                 common_v, common_ok, rows_per_group: int, scale: float):
+    """Triton forward. Tensors have unit inner stride; ``valid``, ``prefix_ok`` and
+    ``common_ok`` are contiguous int8. Returns (out [R, H, T, D] fp32, lse [R, H, T] fp32).
+    The output stays fp32 for the backward's delta = rowsum(dout * out): with an
+    fp16-rounded output the key gradients lose more than the PyTorch path does."""
     from fastlatent.kernels import shared_prefix_attention as kern
 
     r, h, t, d = q.shape
     g, hkv, length, _ = prefix_k.shape
-    s, n_rep = k.shape[2], h // hkv
+    s, n_rep, c = k.shape[2], h // hkv, common_k.shape[2]
     m = rows_per_group * n_rep * t
     out = _alloc((r, h, t, d), q.device, torch.float32)
     lse = _alloc((r, h, t), q.device, torch.float32)
@@ -169,105 +202,131 @@ def _shared_prefix_attention_fwd(q, k, v, valid, prefix_k, prefix_v, prefix_ok,
         return (g, hkv, _cdiv(m, meta["BLOCK_M"]))
 
     kern._shared_prefix_attention_fwd_kernel[grid](
-        q, k, v, valid, prefix_k, prefix_v, prefix_ok, out, lse, scale,
-        rows_per_group, n_rep, t, s, length, d, m,
+        q, k, v, valid, prefix_k, prefix_v, prefix_ok, common_k, common_v, common_ok, out,
+        lse, scale, rows_per_group, n_rep, t, s, length, c, d, m,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(prefix_k),
-        *_strides3(prefix_v), *_strides3(out), tune_bucket(m),
-        PRECISION=_precision(q.dtype), BLOCK_D=_block_d(d))
+        *_strides3(prefix_v), *_strides3(common_k)[1:], *_strides3(common_v)[1:],
+        *_strides3(out), tune_bucket(m), PRECISION=_precision(q.dtype), BLOCK_D=_block_d(d))
     return out, lse
 
 
+def _dkdv(q, do, lse, delta, keys, values, ok, groups: int, rows_per_group: int,
+          key_rows: int, width: int, suffix: bool, scale: float):
+    """dk, dv of one key set: ``groups`` groups of ``rows_per_group`` query rows, each
+    group with ``key_rows`` key rows of ``width`` slots."""
+    from fastlatent.kernels import shared_prefix_attention as kern
+
+    _, h, t, d = q.shape
+    hkv = keys.shape[1]
+    n_rep = h // hkv
+    m = rows_per_group * n_rep * t
+    gk = _alloc(tuple(keys.shape), keys.device, keys.dtype)
+    gv = _alloc(tuple(values.shape), values.device, values.dtype)
+
+    def grid(meta):
+        return (groups, hkv, _cdiv(key_rows * width, meta["BLOCK_N"]))
+
+    kern._shared_prefix_attention_bwd_dkdv_kernel[grid](
+        q, keys, values, ok, do, lse, delta, gk, gv, scale,
+        rows_per_group, n_rep, t, width if suffix else 0, width, key_rows, d, m,
+        *_strides3(q), *_strides3(keys), *_strides3(values), *_strides3(do),
+        tune_bucket(m), tune_bucket(key_rows * width), SUFFIX=suffix,
+        PRECISION=_precision(q.dtype), BLOCK_D=_block_d(d))
+    return gk, gv
+
+
 def _shared_prefix_attention_bwd(grad_out, q, k, v, valid, prefix_k, prefix_v, prefix_ok,
-                                 out, lse, rows_per_group: int, scale: float,
-                                 needs: tuple[bool, bool, bool, bool, bool]):
-    """Triton backward: (dq, dk, dv, dprefix_k, dprefix_v), None where not needed."""
+                                 common_k, common_v, common_ok, out, lse,
+                                 rows_per_group: int, scale: float, needs: tuple[bool, ...]):
+    """Triton backward: (dq, dk, dv, dprefix_k, dprefix_v, dcommon_k, dcommon_v), None
+    where not needed (``needs``: 7 flags in that order)."""
     from fastlatent.kernels import shared_prefix_attention as kern
 
     r, h, t, d = q.shape
     g, hkv, length, _ = prefix_k.shape
-    s, n_rep = k.shape[2], h // hkv
+    s, n_rep, c = k.shape[2], h // hkv, common_k.shape[2]
     m = rows_per_group * n_rep * t
     do = grad_out.contiguous()  # same layout as out (contiguous)
     delta = (do.float() * out.float()).sum(-1)  # [R, H, T] fp32
-    common = dict(PRECISION=_precision(q.dtype), BLOCK_D=_block_d(d))
-    dq = dk = dv = dpk = dpv = None
+    grads = [None] * 7
     if needs[0]:
-        dq = _alloc((r, h, t, d), q.device, q.dtype)
+        grads[0] = _alloc((r, h, t, d), q.device, q.dtype)
 
         def grid_q(meta):
             return (g, hkv, _cdiv(m, meta["BLOCK_M"]))
 
         kern._shared_prefix_attention_bwd_dq_kernel[grid_q](
-            q, k, v, valid, prefix_k, prefix_v, prefix_ok, do, lse, delta, dq, scale,
-            rows_per_group, n_rep, t, s, length, d, m,
+            q, k, v, valid, prefix_k, prefix_v, prefix_ok, common_k, common_v, common_ok, do,
+            lse, delta, grads[0], scale, rows_per_group, n_rep, t, s, length, c, d, m,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(prefix_k),
-            *_strides3(prefix_v), *_strides3(do), tune_bucket(m), **common)
-    for keys, values, ok, rows, width, wanted, suffix in (
-            (k, v, valid, rows_per_group, s, needs[1] or needs[2], True),
-            (prefix_k, prefix_v, prefix_ok, 1, length, needs[3] or needs[4], False)):
-        if not wanted:
-            continue
-        gk = _alloc(tuple(keys.shape), keys.device, keys.dtype)
-        gv = _alloc(tuple(values.shape), values.device, values.dtype)
-
-        def grid_k(meta, n_keys=rows * width):
-            return (g, hkv, _cdiv(n_keys, meta["BLOCK_N"]))
-
-        kern._shared_prefix_attention_bwd_dkdv_kernel[grid_k](
-            q, keys, values, ok, do, lse, delta, gk, gv, scale,
-            rows_per_group, n_rep, t, s, width, rows, d, m,
-            *_strides3(q), *_strides3(keys), *_strides3(values), *_strides3(do),
-            tune_bucket(m), tune_bucket(rows * width), SUFFIX=suffix, **common)
-        if suffix:
-            dk, dv = gk, gv
-        else:
-            dpk, dpv = gk, gv
-    return dq, dk, dv, dpk, dpv
+            *_strides3(prefix_v), *_strides3(common_k)[1:], *_strides3(common_v)[1:],
+            *_strides3(do), tune_bucket(m), PRECISION=_precision(q.dtype),
+            BLOCK_D=_block_d(d))
+    key_sets = (  # (first grad index, keys, values, ok, groups, rows per group, key rows, suffix)
+        (1, k, v, valid, g, rows_per_group, rows_per_group, True),
+        (3, prefix_k, prefix_v, prefix_ok, g, rows_per_group, 1, False),
+        (5, common_k, common_v, common_ok, 1, r, 1, False))
+    for i, keys, values, ok, groups, rows, key_rows, suffix in key_sets:
+        if (needs[i] or needs[i + 1]) and keys.shape[2] > 0:
+            grads[i:i + 2] = _dkdv(q, do, lse, delta, keys, values, ok, groups, rows,
+                                   key_rows, keys.shape[2], suffix, scale)
+        elif needs[i] or needs[i + 1]:
+            grads[i:i + 2] = torch.zeros_like(keys), torch.zeros_like(values)
+    return tuple(grads)
 
 
 class _SharedPrefixAttentionFn(torch.autograd.Function):
     """Triton path (forward and backward)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, suffix_valid, prefix_k, prefix_v, prefix_mask,
-                rows_per_group: int, scale: float):
-        q, k, v, prefix_k, prefix_v = map(_unit_inner, (q, k, v, prefix_k, prefix_v))
+    def forward(ctx, q, k, v, suffix_valid, prefix_k, prefix_v, prefix_mask, common_k,
+                common_v, rows_per_group: int, scale: float):
+        has_common = common_k is not None
+        common_k, common_v, common_ok = _common_or_empty(common_k, common_v, prefix_k, prefix_v)
+        q, k, v, prefix_k, prefix_v, common_k, common_v = map(
+            _unit_inner, (q, k, v, prefix_k, prefix_v, common_k, common_v))
         valid = (suffix_valid != 0).to(torch.int8).contiguous()
         prefix_ok = (prefix_mask != 0).to(torch.int8).contiguous()
         if q.shape[0] == 0 or q.shape[-1] == 0:
             out = shared_prefix_attention_torch(q, k, v, suffix_valid, prefix_k, prefix_v,
-                                                prefix_mask, rows_per_group, scale=scale)
+                                                prefix_mask, rows_per_group, scale=scale,
+                                                common_k=common_k, common_v=common_v)
             lse = torch.full(q.shape[:3], float("-inf"), device=q.device)
         else:
             out, lse = _shared_prefix_attention_fwd(q, k, v, valid, prefix_k, prefix_v,
-                                                    prefix_ok, rows_per_group, scale)
-        ctx.save_for_backward(q, k, v, valid, prefix_k, prefix_v, prefix_ok, out, lse)
-        ctx.rows_per_group = rows_per_group
-        ctx.scale = scale
+                                                    prefix_ok, common_k, common_v, common_ok,
+                                                    rows_per_group, scale)
+        ctx.save_for_backward(q, k, v, valid, prefix_k, prefix_v, prefix_ok, common_k,
+                              common_v, common_ok, out, lse)
+        ctx.rows_per_group, ctx.scale, ctx.has_common = rows_per_group, scale, has_common
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, valid, prefix_k, prefix_v, prefix_ok, out, lse = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[i] for i in (0, 1, 2, 4, 5))
-        if q.numel() == 0:
+        saved = ctx.saved_tensors
+        inputs = [saved[i] for i in (0, 1, 2, 4, 5, 7, 8)]  # q k v prefix_k/v common_k/v
+        needs = tuple(ctx.needs_input_grad[i] for i in (0, 1, 2, 4, 5, 7, 8))
+        needs = needs[:5] + ((needs[5], needs[6]) if ctx.has_common else (False, False))
+        if inputs[0].numel() == 0:
             grads = [torch.zeros_like(x) if need else None
-                     for x, need in zip((q, k, v, prefix_k, prefix_v), needs, strict=True)]
+                     for x, need in zip(inputs, needs, strict=True)]
         else:
-            grads = _shared_prefix_attention_bwd(
-                grad_out, q, k, v, valid, prefix_k, prefix_v, prefix_ok, out, lse,
-                ctx.rows_per_group, ctx.scale, needs)
-        dq, dk, dv, dpk, dpv = grads
-        return (dq, dk if needs[1] else None, dv if needs[2] else None, None,
-                dpk if needs[3] else None, dpv if needs[4] else None, None, None, None)
+            grads = _shared_prefix_attention_bwd(grad_out, *saved, ctx.rows_per_group,
+                                                 ctx.scale, needs)
+        dq, dk, dv, dpk, dpv, dck, dcv = (gr if need else None
+                                          for gr, need in zip(grads, needs, strict=True))
+        return dq, dk, dv, None, dpk, dpv, None, dck, dcv, None, None
 
 
 def shared_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             suffix_valid: torch.Tensor, prefix_k: torch.Tensor,
                             prefix_v: torch.Tensor, prefix_mask: torch.Tensor,
                             rows_per_group: int, *, scale: float,
+                            common_k: torch.Tensor | None = None,
+                            common_v: torch.Tensor | None = None,
                             backend: str | None = None) -> torch.Tensor:
-    """Attention of R suffix rows over their group's shared prompt and their own suffix.
+    """Attention of R suffix rows over the batch's common keys, their group's shared
+    prompt and their own suffix.
 
     Args:
         q: [R, H, T, D] queries of the T newest suffix tokens of each row.
@@ -276,21 +335,26 @@ def shared_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             (query head h uses kv head h // n_rep).
         suffix_valid: [R, S] bool, which suffix key slots are real.
         prefix_k, prefix_v: [G, Hkv, L, D] the prompts' keys/values.
-        prefix_mask: [G, L], nonzero = real prompt token (prompts are left-padded).
+        prefix_mask: [G, L], nonzero = real prompt token (any padding layout).
         rows_per_group: R = G * rows_per_group; row r belongs to prompt r // rows_per_group.
         scale: multiplies q·k (usually head_dim ** -0.5).
+        common_k, common_v: [1, Hkv, C, D] keys/values every row of every group sees
+            before its prompt's (the prompts' common start; every slot real), or None.
         backend: "auto" | "triton" | "torch" (None: $FASTLATENT_BACKEND, then auto).
 
-    Query t of row r attends to every real token of its prompt and to the valid suffix
-    keys 0..S-T+t of row r. Returns [R, H, T, D] in q's dtype; a query whose own slot is
-    padding gets a finite, meaningless value. Differentiable in q, k, v, prefix_k and
-    prefix_v.
+    Query t of row r attends to every common key, every real token of its prompt and the
+    valid suffix keys 0..S-T+t of row r. Returns [R, H, T, D] in q's dtype; a query whose
+    own slot is padding gets a finite, meaningless value. Differentiable in q, k, v,
+    prefix_k, prefix_v, common_k and common_v.
     """
-    _check_inputs(q, k, v, suffix_valid, prefix_k, prefix_v, prefix_mask, rows_per_group)
+    _check_inputs(q, k, v, suffix_valid, prefix_k, prefix_v, prefix_mask, rows_per_group,
+                  common_k, common_v)
     use_triton = (resolve_backend(q.device, backend, available=("torch", "triton")) == "triton"
                   and q.dtype in _TRITON_DTYPES)
     if use_triton:
         return _SharedPrefixAttentionFn.apply(q, k, v, suffix_valid, prefix_k, prefix_v,
-                                              prefix_mask, rows_per_group, float(scale))
+                                              prefix_mask, common_k, common_v, rows_per_group,
+                                              float(scale))
     return shared_prefix_attention_torch(q, k, v, suffix_valid, prefix_k, prefix_v,
-                                         prefix_mask, rows_per_group, scale=scale)
+                                         prefix_mask, rows_per_group, scale=scale,
+                                         common_k=common_k, common_v=common_v)
