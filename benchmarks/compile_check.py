@@ -51,7 +51,7 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shapes import PAPER_STEP, QWEN25_15B_HEAD, SMOLLM2_HEAD  # noqa: E402
+from shapes import PAPER_STEP, PAPER_TREE_STEP, QWEN25_15B_HEAD, SMOLLM2_HEAD  # noqa: E402
 
 SHARED_LIMIT = {80: 164 * 1024, 90: 227 * 1024}  # usable shared memory per block (bytes)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -168,24 +168,29 @@ def launches_latent_attention(model: ModelShape, dtype: torch.dtype) -> list[Lau
 
 def launches_shared_prefix_attention(model: ModelShape, dtype: torch.dtype) -> list[Launch]:
     """One layer of the RL suffix pass: G prompts x K rows of [latent, target] tokens over
-    each prompt's cache; forward, dq, and dk/dv for suffix and prompt keys."""
+    the batch's common start and each prompt's own cache (the release template's split);
+    forward, dq, and dk/dv for suffix, prompt and common keys."""
     from fastlatent.kernels import shared_prefix_attention as kern
     op = importlib.import_module("fastlatent.ops.shared_prefix_attention")
 
-    g, rows = PAPER_STEP.prompts, PAPER_STEP.k
-    t = 1 + PAPER_STEP.target_len
-    h, hkv, d, length = model.heads, model.kv_heads, model.head_dim, PAPER_STEP.prompt_len
+    step = PAPER_TREE_STEP
+    g, rows, t = step.prompts, step.k, 1 + step.target_len
+    h, hkv, d, length, c = (model.heads, model.kv_heads, model.head_dim, step.prompt_len,
+                            step.common_len)
     r = g * rows
     q, k, v = _meta(r, h, t, d, dtype=dtype), _meta(r, hkv, t, d, dtype=dtype), \
         _meta(r, hkv, t, d, dtype=dtype)
     valid = _meta(r, t, dtype=torch.int8)
     pk, pv = _meta(g, hkv, length, d, dtype=dtype), _meta(g, hkv, length, d, dtype=dtype)
     ok = _meta(g, length, dtype=torch.int8)
+    ck, cv = _meta(1, hkv, c, d, dtype=dtype), _meta(1, hkv, c, d, dtype=dtype)
+    cok = _meta(1, c, dtype=torch.int8)
     scale = d ** -0.5
     with recording(kern) as sink:
-        out, lse = op._shared_prefix_attention_fwd(q, k, v, valid, pk, pv, ok, rows, scale)
-        op._shared_prefix_attention_bwd(_meta(r, h, t, d), q, k, v, valid, pk, pv, ok, out,
-                                        lse, rows, scale, (True,) * 5)
+        out, lse = op._shared_prefix_attention_fwd(q, k, v, valid, pk, pv, ok, ck, cv, cok,
+                                                   rows, scale)
+        op._shared_prefix_attention_bwd(_meta(r, h, t, d), q, k, v, valid, pk, pv, ok, ck, cv,
+                                        cok, out, lse, rows, scale, (True,) * 7)
     return sink
 
 

@@ -1,12 +1,18 @@
 """One RL step, one SFT step and one evaluation batch: engine vs the naive oracles.
 
     python benchmarks/rl_step.py --json                       # SmolLM2-135M, 8 ml-100k prompts, K=8
+    python benchmarks/rl_step.py --template latentr3 --json   # the release's prompt wording
     python benchmarks/rl_step.py --model qwen2.5-1.5b-random --device cuda --json
 
 Each path runs in its own subprocess, so one path's peak memory cannot hide another's:
 on the CPU peak RSS (VmHWM, reset after loading) minus the RSS after loading; on CUDA
 torch.cuda.max_memory_allocated after a reset. Times are medians of --repeats runs after
---warmup runs. The last line of stdout is one JSON object with the ratios.
+--warmup runs. The last line of stdout is one JSON object with the ratios, and
+``prompt_tokens_encoded_ratio`` per stage: the prompt tokens the engine runs through the
+LLM divided by those the naive path runs (counted from the batch: the engine encodes the
+batch's common start once and each prompt's own tokens once; the naive RL step encodes
+every prompt once for r and again in each of its K rows, the naive SFT step twice,
+HF beam search once for r and once per beam).
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ def build(args):
     texts = list(dataset.catalogue.distinct_titles)
     llm, tok = load_llm(args.model, dtype=args.dtype, tokenizer_texts=texts, seed=0)
     reasoner = LatentReasoner.build(llm, tok, ReasonerConfig()).to(args.device)
-    builder = PromptBuilder(tok, domain=dataset.domain)
+    builder = PromptBuilder(tok, domain=dataset.domain, template=args.template)
     rows = seeded_sample(dataset.split("train"), args.prompts, seed=0)
     batch = collate([builder.encode(ex) for ex in rows], tok.pad_token_id).to(args.device)
     users = seeded_sample(dataset.split("test"), args.eval_users, seed=0)
@@ -117,6 +123,24 @@ def path_function(name: str, reasoner, batch, eval_batch, trie, args):
     return run
 
 
+def prompt_token_counts(batch, eval_batch, k: int, num_beams: int) -> dict:
+    """Prompt tokens each path runs through the LLM, per stage (see the module docstring);
+    the thought token is not a prompt token here (the latent takes its place)."""
+    from fastlatent.engine.decoder import common_prefix_length
+
+    def engine(b):
+        ids, mask = b.prompt_ids[:, :-1], b.prompt_mask[:, :-1]
+        c = common_prefix_length(ids, mask)
+        return c + int(mask.sum()) - c * ids.shape[0]
+
+    def naive(b, passes):
+        return passes * int(b.prompt_mask[:, :-1].sum())
+
+    return {"rl": {"engine": engine(batch), "naive": naive(batch, k + 1)},
+            "sft": {"engine": engine(batch), "naive": naive(batch, 2)},
+            "eval": {"engine": engine(eval_batch), "naive": naive(eval_batch, num_beams + 1)}}
+
+
 def worker(args) -> dict:
     import torch
 
@@ -148,7 +172,8 @@ def worker(args) -> dict:
     return {"path": args.worker, "seconds": statistics.median(times), "times": times,
             "peak_bytes": max(0, peak - base),
             "prompt_tokens": int(batch.prompt_mask.sum()),
-            "target_tokens": int(batch.target_mask.sum())}
+            "target_tokens": int(batch.target_mask.sum()),
+            "prompt_tokens_encoded": prompt_token_counts(batch, eval_batch, args.k, 10)}
 
 
 def main(argv=None) -> int:
@@ -156,6 +181,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="smollm2-135m",
                         help="smollm2-135m | smollm2-135m-random | qwen2.5-1.5b-random | ...")
     parser.add_argument("--data", default="movielens-100k", help="dataset spec (see train.py)")
+    parser.add_argument("--template", default="default", choices=("default", "latentr3"),
+                        help="prompt wording (latentr3: the release's)")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per RL/SFT step")
     parser.add_argument("--k", type=int, default=8, help="rows per prompt in RL")
     parser.add_argument("--eval-users", type=int, default=4, help="users per beam-search batch")
@@ -196,12 +223,21 @@ def main(argv=None) -> int:
             return None
         return round(b[key] / a[key] if invert else a[key] / b[key], 3)
 
+    def encoded_ratios(results):
+        counts = next((r["prompt_tokens_encoded"] for r in results.values()
+                       if "prompt_tokens_encoded" in r), None)
+        if counts is None:
+            return None
+        return {stage: round(c["engine"] / c["naive"], 3) for stage, c in counts.items()}
+
     summary = {
         "rl_speedup_vs_naive": ratio("rl", "seconds"),
         "rl_peak_mem_ratio": ratio("rl", "peak_bytes", invert=True),
         "sft_speedup_vs_naive": ratio("sft", "seconds"),
         "sft_peak_mem_ratio": ratio("sft", "peak_bytes", invert=True),
         "eval_speedup_vs_naive": ratio("eval", "seconds"),
+        "prompt_tokens_encoded_ratio": encoded_ratios(results),
+        "template": args.template,
         "device": args.device, "model": args.model, "dtype": args.dtype,
         "batch": args.prompts, "k": args.k, "eval_users": args.eval_users,
         "repeats": args.repeats, "paths": results,

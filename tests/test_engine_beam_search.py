@@ -213,16 +213,22 @@ def test_comparison_detects_missing_filler_beams(reasoner, builder, catalogue_tr
 @pytest.fixture
 def engine_calls(monkeypatch):
     """Records every Decoder.prefix call (prompt rows) and Decoder.suffix call (rows,
-    tokens, rows_per_group) while a test runs."""
-    calls: dict[str, list] = {"prefix": [], "suffix": []}
+    tokens, rows_per_group) while a test runs; the suffix pass a prefix call makes for the
+    prompts' own tokens (over their common start) is recorded under "own"."""
+    calls: dict[str, list] = {"prefix": [], "suffix": [], "own": []}
     original_prefix, original_suffix = Decoder.prefix, Decoder.suffix
+    inside = []
 
     def prefix(self, input_ids=None, attention_mask=None, **kwargs):
         calls["prefix"].append(input_ids.shape[0])
-        return original_prefix(self, input_ids, attention_mask, **kwargs)
+        inside.append(1)
+        try:
+            return original_prefix(self, input_ids, attention_mask, **kwargs)
+        finally:
+            inside.pop()
 
     def suffix(self, inputs_embeds, suffix_mask, prefix, rows_per_group, cache=None):
-        calls["suffix"].append((*inputs_embeds.shape[:2], rows_per_group))
+        calls["own" if inside else "suffix"].append((*inputs_embeds.shape[:2], rows_per_group))
         return original_suffix(self, inputs_embeds, suffix_mask, prefix, rows_per_group, cache)
 
     monkeypatch.setattr(Decoder, "prefix", prefix)
@@ -241,7 +247,9 @@ def test_each_prompt_is_encoded_once(reasoner, builder, catalogue_trie, syntheti
         handle.remove()
     assert engine_calls["prefix"] == [5]  # one prefix pass, one row per user
     assert hf_forwards == []
-    # Then one token per beam row and step, the 4 beams of each user grouped on its prompt.
+    # Inside it, the 5 prompts' own tokens as one group over their common start; then one
+    # token per beam row and step, the 4 beams of each user grouped on its prompt.
+    assert [(rows, group) for rows, _, group in engine_calls["own"]] == [(5, 5)]
     assert engine_calls["suffix"]
     assert set(engine_calls["suffix"]) == {(5 * 4, 1, 4)}
 

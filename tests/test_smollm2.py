@@ -34,7 +34,13 @@ def test_smollm2_loads_and_trains_one_sft_step(tmp_path):
     assert reasoner.ratt.q_proj.weight.grad is not None
 
 
-def test_engine_matches_hf_forward_on_smollm2():
+# Logit error against HF's fp32 forward (|logits| up to 29): flat prompts 6.3e-5; with the
+# common start (1 token here) encoded apart 2.4e-4 -- against HF in float64 the two paths
+# are 8.6e-5 and 1.4e-4 off, i.e. the same fp32 rounding through 30 layers, merged by
+# log-sum-exp one more time.
+@pytest.mark.parametrize("share_common,atol", [(False, 1e-4), (True, 3e-4)],
+                         ids=["flat", "common-start"])
+def test_engine_matches_hf_forward_on_smollm2(share_common, atol):
     """Decoder prefix + suffix logits equal the HF model's own forward (fp32, real weights)."""
     from fastlatent.data.batch import positions_from_mask
     from fastlatent.engine.decoder import Decoder
@@ -55,7 +61,8 @@ def test_engine_matches_hf_forward_on_smollm2():
     suffix_mask[1, 3:] = 0
     decoder = Decoder(llm)
     with torch.no_grad():
-        prefix = decoder.prefix(ids, mask)
+        prefix = decoder.prefix(ids, mask, share_common=share_common)
+        assert prefix.common_length == (1 if share_common else 0)  # the opening quote
         hidden, _ = decoder.suffix(suffix, suffix_mask, prefix, rows_per_group=k)
         got = decoder.logits(hidden)
         for row in range(2 * k):
@@ -65,4 +72,4 @@ def test_engine_matches_hf_forward_on_smollm2():
             ref = llm(inputs_embeds=full, attention_mask=full_mask,
                       position_ids=positions_from_mask(full_mask)).logits[0, width:]
             real = suffix_mask[row].bool()
-            torch.testing.assert_close(got[row][real], ref[real], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got[row][real], ref[real], rtol=1e-4, atol=atol)

@@ -220,13 +220,12 @@ def _encode_prompts(reasoner: LatentReasoner, decoder: Decoder, prompt_ids: torc
     input (with a latent: the latents of every beam row, [B·N, num_latents, d]) or,
     without one, the first step's log-probs [B·N, V] from the prompt's last hidden state."""
     if reasoner.uses_latent:
-        mask = prompt_mask[:, :-1]
-        prefix = decoder.prefix(prompt_ids[:, :-1], mask)
-        latents = chain_latents(reasoner, decoder, prefix, reasoner.thought(prefix.hidden, mask),
-                                1).to(prefix.hidden.dtype)
+        prefix = decoder.prefix(prompt_ids[:, :-1], prompt_mask[:, :-1])
+        first = reasoner.thought(prefix.hidden, prefix.hidden_mask)
+        latents = chain_latents(reasoner, decoder, prefix, first, 1).to(prefix.hidden.dtype)
         return prefix, latents.repeat_interleave(num_beams, dim=0), None
     prefix = decoder.prefix(prompt_ids, prompt_mask)
-    logp = _log_probs(decoder, prefix.hidden[:, -1])
+    logp = _log_probs(decoder, prefix.last_hidden)
     return prefix, None, logp.repeat_interleave(num_beams, dim=0)
 
 

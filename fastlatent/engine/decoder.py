@@ -1,6 +1,10 @@
 """Two-phase forward over a Hugging Face causal LM: encode each prompt once, then score
 many suffix rows (K latent samples, or beams) against its KV cache without copying it.
 
+The caches form a tree: the tokens every prompt of the batch starts with (the
+instruction, found from the ids) are encoded once, each prompt's own tokens once against
+them, and each suffix row against both.
+
 :class:`Decoder` runs the model's own modules (embeddings, norms, q/k/v/o projections,
 Qwen3's q/k norms, MLPs, rotary embedding) in its own layer loop, so it matches the
 model's forward to float tolerance and works unchanged with quantised linear layers.
@@ -11,6 +15,11 @@ Layout: prompts are left-padded ``[G, L]``; suffix rows are right-padded ``[R, T
 grouped contiguously, ``rows_per_group`` per prompt (row r belongs to prompt
 r // rows_per_group). Position ids come from the masks: prompt tokens 0..n-1, suffix
 token j of row r at n + (valid suffix tokens before it).
+
+With a common start of C tokens, the prompt level holds each prompt's tokens from
+position C on (columns C.. of the left-padded ids, still left-padded, ``L - C`` wide) and
+``PrefixCache.common`` the C shared tokens (one group); the prompt level's hidden states
+are the whole prompt's, ``[common | own]`` with ``hidden_mask``.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import torch
 from torch import nn
 
 from fastlatent.data.batch import positions_from_mask
-from fastlatent.ops.latent_attention import rotate_half
+from fastlatent.ops.latent_attention import last_real_index, rotate_half
 from fastlatent.ops.shared_prefix_attention import shared_prefix_attention
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -36,10 +45,13 @@ class UnsupportedModelError(ValueError):
 class PrefixCache:
     """The prompts' per-layer keys/values and final hidden states.
 
-    keys, values: per layer [G, Hkv, L, D] (after RoPE, and after k_norm for Qwen3).
-    mask: [G, L], 1 = real token (left-padded). lengths: [G] real tokens per prompt, the
-    position of each prompt's first suffix token. hidden: [G, L, d] final-norm states
-    (the input of the LM head and of LatentRATT).
+    keys, values: per layer [G, Hkv, L, D] (after RoPE, and after k_norm for Qwen3) of
+    each prompt's own tokens (all of them without ``common``). mask: [G, L], 1 = real
+    own token (left-padded). lengths: [G] real tokens per prompt, common ones included:
+    the position of each prompt's first suffix token. hidden: [G, C + L, d] final-norm
+    states of the whole prompt (the input of the LM head and of LatentRATT), real where
+    ``hidden_mask`` [G, C + L] is 1. common: the batch's shared start (C tokens, one
+    group, no ``common`` of its own), or None (C = 0).
     """
 
     keys: list[torch.Tensor]
@@ -47,10 +59,42 @@ class PrefixCache:
     mask: torch.Tensor
     lengths: torch.Tensor
     hidden: torch.Tensor
+    hidden_mask: torch.Tensor
+    common: PrefixCache | None = None
 
     @property
     def num_groups(self) -> int:
         return self.mask.shape[0]
+
+    @property
+    def last_hidden(self) -> torch.Tensor:
+        """[G, d] the hidden state at each prompt's last real token."""
+        rows = torch.arange(self.num_groups, device=self.hidden.device)
+        return self.hidden[rows, last_real_index(self.hidden_mask)]
+
+    @property
+    def common_length(self) -> int:
+        return 0 if self.common is None else self.common.mask.shape[1]
+
+
+def common_prefix_length(input_ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """The number of leading real tokens that every left-padded prompt [G, L] shares, at
+    most the shortest prompt's length and L - 1 (each prompt keeps a column of its own);
+    0 for one prompt, or when a mask is not left-padded 0..0 1..1."""
+    g, length = input_ids.shape
+    if g < 2 or length < 2:
+        return 0
+    real = mask.bool()
+    if bool((real[:, 1:] < real[:, :-1]).any()):
+        return 0
+    n = real.sum(-1)
+    limit = min(int(n.min()), length - 1)
+    if limit < 1:
+        return 0
+    cols = (length - n)[:, None] + torch.arange(limit, device=input_ids.device)  # [G, limit]
+    starts = input_ids.gather(1, cols)
+    differs = (starts != starts[:1]).any(0)
+    return int(differs.long().argmax()) if bool(differs.any()) else limit
 
 
 @dataclass
@@ -188,11 +232,16 @@ class Decoder:
     # ---- phase 1: the prompts -------------------------------------------------------------
     def prefix(self, input_ids: torch.Tensor | None = None,
                attention_mask: torch.Tensor | None = None, *,
-               inputs_embeds: torch.Tensor | None = None) -> PrefixCache:
+               inputs_embeds: torch.Tensor | None = None,
+               share_common: bool = True) -> PrefixCache:
         """Encode left-padded prompts [G, L] (ids or embeddings; mask defaults to all real).
 
-        Differentiable when called with grad enabled. Padded positions get finite,
-        meaningless hidden states (each attends only to itself).
+        With ids and ``share_common``, the tokens every prompt starts with
+        (:func:`common_prefix_length`) are encoded once and each prompt's own tokens
+        against them; the result equals the flat encoding to float tolerance.
+        Differentiable when called with grad enabled (the common tokens receive the sum
+        of every prompt's gradient). Padded positions get finite, meaningless hidden
+        states.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("expected exactly one of input_ids and inputs_embeds")
@@ -203,6 +252,23 @@ class Decoder:
                 if attention_mask is None else attention_mask)
         if mask.shape != (g, length):
             raise ValueError(f"expected attention_mask [{g}, {length}], got {list(mask.shape)}")
+        c = (common_prefix_length(input_ids, mask)
+             if share_common and input_ids is not None else 0)
+        if c == 0:
+            return self._encode(embeds, mask)
+        start = length - int(mask[0].bool().sum())  # prompt 0's first real column
+        common = self._encode(embeds[:1, start:start + c],
+                              torch.ones(1, c, dtype=mask.dtype, device=mask.device))
+        own_mask = mask[:, :length - c]
+        hidden, cache = self.suffix(embeds[:, c:], own_mask, common, g)
+        hidden = torch.cat((common.hidden.expand(g, -1, -1), hidden), dim=1)
+        hidden_mask = torch.cat((common.mask.expand(g, -1), own_mask), dim=1)
+        return PrefixCache(cache.keys, cache.values, own_mask, mask.bool().long().sum(-1),
+                           hidden, hidden_mask, common)
+
+    def _encode(self, embeds: torch.Tensor, mask: torch.Tensor) -> PrefixCache:
+        """Flat encoding of left-padded prompt embeddings [G, L] (no common level)."""
+        g, length = embeds.shape[:2]
         real, positions = mask.bool(), positions_from_mask(mask)
         self._check_window(positions, real)
         cos, sin = self.body.rotary_emb(embeds, positions)
@@ -223,7 +289,7 @@ class Decoder:
             return out.transpose(1, 2).reshape(g, length, -1)
 
         hidden = self._run_layers(embeds, attend)
-        return PrefixCache(keys, values, mask, real.long().sum(-1), hidden)
+        return PrefixCache(keys, values, mask, real.long().sum(-1), hidden, mask)
 
     # ---- phase 2: the suffix rows ---------------------------------------------------------
     def suffix(self, inputs_embeds: torch.Tensor, suffix_mask: torch.Tensor,
@@ -256,8 +322,11 @@ class Decoder:
                 v = torch.cat((cache.values[i], v), dim=2)
             keys.append(k)
             values.append(v)
+            common = {} if prefix.common is None else dict(
+                common_k=prefix.common.keys[i], common_v=prefix.common.values[i])
             out = shared_prefix_attention(q, k, v, valid, prefix.keys[i], prefix.values[i],
-                                          prefix.mask, rows_per_group, scale=attn.scaling)
+                                          prefix.mask, rows_per_group, scale=attn.scaling,
+                                          **common)
             return out.transpose(1, 2).reshape(r, t, -1)
 
         hidden = self._run_layers(inputs_embeds, attend)

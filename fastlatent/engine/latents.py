@@ -27,7 +27,7 @@ def chain_latents(reasoner: LatentReasoner, decoder: Decoder, prefix: PrefixCach
         return latents[0][:, None]
     rows = first.shape[0]
     hidden = [prefix.hidden.repeat_interleave(rows_per_group, dim=0)]
-    mask = prefix.mask.repeat_interleave(rows_per_group, dim=0)
+    mask = prefix.hidden_mask.repeat_interleave(rows_per_group, dim=0)
     one = torch.ones(rows, 1, dtype=mask.dtype, device=mask.device)
     cache = None
     for _ in range(1, n):

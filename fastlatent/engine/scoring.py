@@ -49,7 +49,7 @@ def score_targets(decoder: Decoder, prefix: PrefixCache, latents: torch.Tensor |
         predicting = hidden[:, n - 1:n - 1 + t]
     else:
         hidden, _ = decoder.suffix(targets_emb, target_mask, prefix, rows_per_group)
-        first = prefix.hidden[:, -1:].repeat_interleave(rows_per_group, dim=0)
+        first = prefix.last_hidden[:, None].repeat_interleave(rows_per_group, dim=0)
         predicting = torch.cat((first, hidden[:, :t - 1]), dim=1)
     return head_logprobs(predicting, target_ids, target_mask, lm_head_weight(decoder.llm),
                          backend=backend)

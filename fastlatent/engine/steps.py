@@ -40,10 +40,9 @@ def target_logprobs(reasoner: LatentReasoner, batch: Batch, *, decoder: Decoder 
     decoder = decoder or Decoder(reasoner.llm)
     reasoner.check_prompt(batch.prompt_ids, batch.prompt_mask)
     if reasoner.uses_latent:
-        mask = batch.prompt_mask[:, :-1]
-        prefix = decoder.prefix(batch.prompt_ids[:, :-1], mask)
-        latents = chain_latents(reasoner, decoder, prefix, reasoner.thought(prefix.hidden, mask),
-                                1)
+        prefix = decoder.prefix(batch.prompt_ids[:, :-1], batch.prompt_mask[:, :-1])
+        latents = chain_latents(reasoner, decoder, prefix,
+                                reasoner.thought(prefix.hidden, prefix.hidden_mask), 1)
     else:
         prefix = decoder.prefix(batch.prompt_ids, batch.prompt_mask)
         latents = None
@@ -78,15 +77,14 @@ def rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma: float,
     reasoner.check_prompt(batch.prompt_ids, batch.prompt_mask)
     decoder = decoder or Decoder(reasoner.llm)
     b, d = len(batch), reasoner.llm.config.hidden_size
-    mask = batch.prompt_mask[:, :-1]
     with torch.no_grad():
-        prefix = decoder.prefix(batch.prompt_ids[:, :-1], mask)
+        prefix = decoder.prefix(batch.prompt_ids[:, :-1], batch.prompt_mask[:, :-1])
     if noise is None:
         noise = sample_noise(b, k, d, generator=generator, device=prefix.hidden.device)
     if noise.shape != (b, k, d):
         raise ValueError(f"expected noise [{b}, {k}, {d}], got {tuple(noise.shape)}")
     # LatentRATT fused with the K-way expansion: [B, K, d] fp32, gradient to LatentRATT
-    first = reasoner.thought(prefix.hidden, mask, noise=noise, sigma=sigma)
+    first = reasoner.thought(prefix.hidden, prefix.hidden_mask, noise=noise, sigma=sigma)
     latents = chain_latents(reasoner, decoder, prefix, first.reshape(b * k, d), k)
     logp = score_targets(decoder, prefix, latents, batch.target_ids.repeat_interleave(k, 0),
                          batch.target_mask.repeat_interleave(k, 0), k, backend=backend)
