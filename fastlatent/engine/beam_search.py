@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from fastlatent.data.trie import TitleTrie
-from fastlatent.engine.decoder import Decoder, PrefixCache
+from fastlatent.engine.decoder import Decoder, PrefixCache, SuffixCache
 from fastlatent.engine.latents import chain_latents
 from fastlatent.model.reasoner import LatentReasoner
 
@@ -190,40 +190,110 @@ def engine_beam_search(
     live = LiveBeams.start(users, num_beams, steps, device)
     pool = FinishedPool.empty(users, num_beams, steps, device)
     still_open = torch.ones(users, 1, dtype=torch.bool, device=device)
-    group_start = torch.arange(users, device=device)[:, None] * num_beams
-    prefix, inputs, first_logp = _encode_prompts(reasoner, decoder, prompt_ids, prompt_mask,
-                                                 num_beams)
-    cache = None
+    prefix, latents, first_logp = _encode_prompts(reasoner, decoder, prompt_ids, prompt_mask,
+                                                  num_beams)
+    running = None  # the rows the model ran at the previous step, and their cache
+    parents = None
     for step in range(1, steps + 1):
-        if inputs is None:
+        if first_logp is not None and step == 1:
             logp = first_logp
         else:
-            hidden, cache = decoder.suffix(inputs, torch.ones_like(inputs[..., 0]), prefix,
-                                           num_beams, cache)
-            logp = _log_probs(decoder, hidden[:, -1])
+            running = _run_real_beams(reasoner, decoder, prefix, latents, live, still_open,
+                                      parents, running, step)
+            logp = running.log_probs(decoder, users * num_beams, num_beams)
         cand = _top_candidates(live, logp, trie_t, step, steps)
         live, parents = _next_live(cand, num_beams)
         pool = _update_pool(pool, cand, still_open, step, length_penalty)
         still_open = _still_open(still_open, live, pool, step, length_penalty)
         if not bool(still_open.any()) or bool(cand.done.all()):
             break
-        if cache is not None:
-            cache = cache.reorder((parents + group_start).flatten())
-        inputs = reasoner.embed(live.tokens[:, :, step - 1].flatten())[:, None]
     return _hypotheses(pool, num_return)
+
+
+@dataclass
+class RunningRows:
+    """The beam rows the model ran at one step: the first ``width`` beams of each of
+    ``users`` (those of open searches that hold a real beam, real beams first), their
+    final hidden states at the newest token [G·width, d], their SuffixCache, and the
+    prompt caches of those users."""
+
+    users: torch.Tensor  # [G] int64
+    width: int
+    hidden: torch.Tensor | None
+    cache: SuffixCache | None
+    prefix: PrefixCache | None
+
+    def log_probs(self, decoder: Decoder, num_rows: int, num_beams: int) -> torch.Tensor:
+        """[B·N, V] fp32: the model's log-probs on the rows it ran, 0 on the others (filler
+        beams, closed searches: no real title can come from them, see _run_real_beams)."""
+        vocab = decoder.llm.get_output_embeddings().weight.shape[0]
+        out = torch.zeros(num_rows, vocab, dtype=torch.float32, device=self.users.device)
+        if self.hidden is not None:
+            rows = (self.users[:, None] * num_beams
+                    + torch.arange(self.width, device=self.users.device)).flatten()
+            out[rows] = _log_probs(decoder, self.hidden)
+        return out
+
+
+def _run_real_beams(reasoner: LatentReasoner, decoder: Decoder, prefix: PrefixCache,
+                    latents: torch.Tensor | None, live: LiveBeams, still_open: torch.Tensor,
+                    parents: torch.Tensor | None, previous: RunningRows | None,
+                    step: int) -> RunningRows:
+    """One model step on the rows whose log-probs can matter.
+
+    Rows skipped: every beam of a closed search (its pool is final), and filler beams
+    (cumulative score at or below -1e8: a -1e9 charge). A filler's continuations are
+    fillers, never real titles, and HF's -1e9 charges swamp whatever log-prob it gets, so
+    the returned titles, order and scores are unchanged. Live beams are sorted by score,
+    so each user's real beams come first: the model runs the first ``width`` beams (the
+    most real beams of any running user) of each running user, and each takes the cache
+    of its parent (a real beam's parent is real, hence ran at the previous step).
+    """
+    real = (live.scores > _FILLER_FLOOR) & still_open
+    count = real.sum(1)
+    users = (count > 0).nonzero().squeeze(1)
+    width = int(count.max())
+    if width == 0:
+        return RunningRows(users, 0, None, None, None)
+    if step == 1:  # with a latent: each beam reads [latents] (only beam 0 is real)
+        inputs = latents[users].repeat_interleave(width, dim=0)
+        cache = None
+    else:
+        tokens = live.tokens[users, :width, step - 2]  # chosen at the previous step
+        inputs = reasoner.embed(tokens.flatten())[:, None]
+        cache = None if previous is None else previous.cache
+        if cache is not None:
+            cache = cache.gather(_parent_rows(previous, parents, users, width), width)
+    same = (previous is not None and previous.prefix is not None
+            and torch.equal(previous.users, users))
+    prefix_t = previous.prefix if same else prefix.select(users)
+    hidden, cache = decoder.suffix(inputs, torch.ones_like(inputs[..., 0]), prefix_t, width,
+                                   cache)
+    return RunningRows(users, width, hidden[:, -1], cache, prefix_t)
+
+
+def _parent_rows(previous: RunningRows, parents: torch.Tensor, users: torch.Tensor,
+                 width: int) -> torch.Tensor:
+    """Row of the previous step's cache each new row continues [G·width]: its parent's,
+    or row 0 of the user for a filler whose parent did not run (its values never count)."""
+    position = torch.full((parents.shape[0],), -1, dtype=torch.int64, device=users.device)
+    position[previous.users] = torch.arange(len(previous.users), device=users.device)
+    parent = parents[users, :width]
+    parent = torch.where(parent < previous.width, parent, 0)
+    return (position[users][:, None] * previous.width + parent).flatten()
 
 
 def _encode_prompts(reasoner: LatentReasoner, decoder: Decoder, prompt_ids: torch.Tensor,
                     prompt_mask: torch.Tensor, num_beams: int
                     ) -> tuple[PrefixCache, torch.Tensor | None, torch.Tensor | None]:
     """Encode each prompt once. Returns the prefix cache and either the first suffix
-    input (with a latent: the latents of every beam row, [B·N, num_latents, d]) or,
-    without one, the first step's log-probs [B·N, V] from the prompt's last hidden state."""
+    input of each user (with a latent: its latents, [B, num_latents, d]) or, without one,
+    the first step's log-probs [B·N, V] from the prompt's last hidden state."""
     if reasoner.uses_latent:
         prefix = decoder.prefix(prompt_ids[:, :-1], prompt_mask[:, :-1])
         first = reasoner.thought(prefix.hidden, prefix.hidden_mask)
         latents = chain_latents(reasoner, decoder, prefix, first, 1).to(prefix.hidden.dtype)
-        return prefix, latents.repeat_interleave(num_beams, dim=0), None
+        return prefix, latents, None
     prefix = decoder.prefix(prompt_ids, prompt_mask)
     logp = _log_probs(decoder, prefix.last_hidden)
     return prefix, None, logp.repeat_interleave(num_beams, dim=0)

@@ -76,6 +76,13 @@ class PrefixCache:
     def common_length(self) -> int:
         return 0 if self.common is None else self.common.mask.shape[1]
 
+    def select(self, groups: torch.Tensor) -> PrefixCache:
+        """The cache of the prompts ``groups`` [G'] (int64), in that order; the common
+        start is shared, not copied."""
+        return PrefixCache([k[groups] for k in self.keys], [v[groups] for v in self.values],
+                           self.mask[groups], self.lengths[groups], self.hidden[groups],
+                           self.hidden_mask[groups], self.common)
+
 
 def common_prefix_length(input_ids: torch.Tensor, mask: torch.Tensor) -> int:
     """The number of leading real tokens that every left-padded prompt [G, L] shares, at
@@ -124,8 +131,14 @@ class SuffixCache:
         if not bool((row_index // self.rows_per_group == rows // self.rows_per_group).all()):
             raise ValueError(f"expected every row_index inside its own group of "
                              f"{self.rows_per_group} rows, got {row_index.tolist()}")
+        return self.gather(row_index, self.rows_per_group)
+
+    def gather(self, row_index: torch.Tensor, rows_per_group: int) -> SuffixCache:
+        """A cache whose row i is row ``row_index[i]`` of this one, grouped
+        ``rows_per_group`` per prompt (beam search: the beams that run at the next step,
+        possibly fewer rows and prompts; the caller pairs it with the matching prefix)."""
         return SuffixCache([k[row_index] for k in self.keys], [v[row_index] for v in self.values],
-                           self.valid[row_index], self.rows_per_group)
+                           self.valid[row_index], rows_per_group)
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
