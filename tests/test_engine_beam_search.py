@@ -215,9 +215,14 @@ def engine_calls(monkeypatch):
     """Records every Decoder.prefix call (prompt rows) and Decoder.suffix call (rows,
     tokens, rows_per_group) while a test runs; the suffix pass a prefix call makes for the
     prompts' own tokens (over their common start) is recorded under "own"."""
-    calls: dict[str, list] = {"prefix": [], "suffix": [], "own": []}
+    calls: dict[str, list] = {"prefix": [], "suffix": [], "own": [], "steps": []}
     original_prefix, original_suffix = Decoder.prefix, Decoder.suffix
+    original_candidates = engine_module._top_candidates
     inside = []
+
+    def candidates(live, logp, trie_t, step, last_step):  # once per search step
+        calls["steps"].append(step)
+        return original_candidates(live, logp, trie_t, step, last_step)
 
     def prefix(self, input_ids=None, attention_mask=None, **kwargs):
         calls["prefix"].append(input_ids.shape[0])
@@ -233,6 +238,7 @@ def engine_calls(monkeypatch):
 
     monkeypatch.setattr(Decoder, "prefix", prefix)
     monkeypatch.setattr(Decoder, "suffix", suffix)
+    monkeypatch.setattr(engine_module, "_top_candidates", candidates)
     return calls
 
 
@@ -250,15 +256,19 @@ def test_each_prompt_is_encoded_once(reasoner, builder, catalogue_trie, syntheti
     # Inside it, the 5 prompts' own tokens as one group over their common start; then one
     # token per beam row and step, the 4 beams of each user grouped on its prompt.
     assert [(rows, group) for rows, _, group in engine_calls["own"]] == [(5, 5)]
-    # Then one token per beam row and step, each user's beams grouped on its prompt; only
-    # real beams of open searches run: with a latent, one row per user at the first step
-    # (the other beams are HF's -1e9 fillers); never more than the 4 beams of the 5 users.
-    steps = engine_calls["suffix"]
-    assert steps and all(t == 1 and rows % group == 0 and rows // group <= 5 and group <= 4
-                         for rows, t, group in steps)
+    # Then the beam rows, each user's beams grouped on its prompt. Only real beams of open
+    # searches run: with a latent, one row per user at the first step (the other beams are
+    # HF's -1e9 fillers); never more than the 4 beams of the 5 users. Where the trie
+    # forces the next tokens of every real beam, one pass feeds them all (t > 1), so
+    # there are fewer passes than search steps.
+    runs = engine_calls["suffix"]
+    assert runs and all(rows % group == 0 and rows // group <= 5 and group <= 4
+                        for rows, _, group in runs)
     if reasoner.uses_latent:
-        assert steps[0] == (5, 1, 1)
-    assert sum(rows for rows, _, _ in steps) < len(steps) * 5 * 4  # rows were skipped
+        assert runs[0] == (5, 1, 1)
+    assert sum(rows for rows, _, _ in runs) < len(runs) * 5 * 4  # rows were skipped
+    assert any(t > 1 for _, t, _ in runs[1:])  # a forced run
+    assert len(runs) + (0 if reasoner.uses_latent else 1) < len(engine_calls["steps"])
 
 
 def test_stops_at_the_same_step_as_hf(reasoner, builder, varied_trie, synthetic_dataset,
@@ -273,8 +283,7 @@ def test_stops_at_the_same_step_as_hf(reasoner, builder, varied_trie, synthetic_
     finally:
         handle.remove()
     assert len(hf_forwards) < varied_trie.max_length
-    engine_steps = len(engine_calls["suffix"]) + (0 if reasoner.uses_latent else 1)
-    assert engine_steps == len(hf_forwards)
+    assert len(engine_calls["steps"]) == len(hf_forwards)
 
 
 @pytest.mark.parametrize(
@@ -325,3 +334,32 @@ def test_rejects_prompts_without_the_thought_token(synthetic_dataset):
     trie = build_title_trie(builder, synthetic_dataset.catalogue)
     with pytest.raises(ValueError, match="thought token"):
         engine_beam_search(reasoner, ids, mask, trie)
+
+
+def test_forced_tokens_follow_single_child_runs():
+    """Rows advance together while every real row has one non-EOS child (or has reached a
+    title's end); a branching real row stops the run, a non-real one does not."""
+    eos = 2
+    trie = TitleTrie.from_sequences([(5, 6, 7, 11, eos), (5, 6, 8, eos), (9, 10, eos)],
+                                    eos_token_id=eos)
+    trie_t = engine_module.TrieTensors.from_trie(trie, 64, torch.device("cpu"))
+
+    def node(path):
+        current = torch.tensor([0])
+        for token in path:
+            exp = trie_t.expand(current)
+            current = exp.nodes[exp.tokens == token].view(1)
+        return int(current)
+
+    def forced(paths, real, limit=8):
+        nodes = torch.tensor([node(p) for p in paths])
+        return engine_module._forced_tokens(trie_t, nodes, torch.tensor(real), limit).tolist()
+
+    assert forced([(5,)], [True]) == [[6]]  # then 6 branches into 7 / 8
+    assert forced([(5, 6, 7)], [True]) == [[11]]  # then EOS only: the run ends
+    assert forced([(9,), (5, 6, 7)], [True, True]) == [[10], [11]]  # both end together
+    assert forced([(9,), (5,)], [True, True], limit=0) == [[], []]
+    assert forced([(9, 10), (5,)], [True, True]) == [[eos], [6]]  # row 0 has ended
+    assert forced([(9,), (5, 6)], [True, True]) == [[], []]  # 5 6 branches
+    assert forced([(9,), (5, 6)], [True, False]) == [[10], [eos]]  # ... but is a filler
+    assert forced([(5, 6, 8)], [True]) == [[]]  # at a title's end already

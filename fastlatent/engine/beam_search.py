@@ -35,7 +35,7 @@ a filler), best first, cut to ``num_return``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -192,15 +192,18 @@ def engine_beam_search(
     still_open = torch.ones(users, 1, dtype=torch.bool, device=device)
     prefix, latents, first_logp = _encode_prompts(reasoner, decoder, prompt_ids, prompt_mask,
                                                   num_beams)
-    running = None  # the rows the model ran at the previous step, and their cache
-    parents = None
+    running = None  # the newest model run: its rows, hidden states and cache
+    parents = None  # each live beam's parent beam, from the previous step
     for step in range(1, steps + 1):
         if first_logp is not None and step == 1:
             logp = first_logp
         else:
-            running = _run_real_beams(reasoner, decoder, prefix, latents, live, still_open,
-                                      parents, running, step)
-            logp = running.log_probs(decoder, users * num_beams, num_beams)
+            if running is not None:
+                running = running.follow(parents)
+            if running is None or not running.has_next():
+                running = _run_real_beams(reasoner, decoder, prefix, latents, trie_t, live,
+                                          still_open, running, step, steps)
+            logp = running.log_probs(decoder, live, still_open, step)
         cand = _top_candidates(live, logp, trie_t, step, steps)
         live, parents = _next_live(cand, num_beams)
         pool = _update_pool(pool, cand, still_open, step, length_penalty)
@@ -210,77 +213,140 @@ def engine_beam_search(
     return _hypotheses(pool, num_return)
 
 
+def _real_rows(live: LiveBeams, still_open: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The beams whose log-probs can matter: the real ones (cumulative score above -1e8,
+    i.e. without HF's -1e9 charge) of open searches. Live beams are sorted by score, so a
+    user's real beams come first: returns the users holding one [G] and the most real
+    beams of any of them."""
+    real = (live.scores > _FILLER_FLOOR) & still_open
+    count = real.sum(1)
+    return (count > 0).nonzero().squeeze(1), int(count.max())
+
+
 @dataclass
 class RunningRows:
-    """The beam rows the model ran at one step: the first ``width`` beams of each of
-    ``users`` (those of open searches that hold a real beam, real beams first), their
-    final hidden states at the newest token [G·width, d], their SuffixCache, and the
-    prompt caches of those users."""
+    """One model run: the first ``width`` beams of each of ``users`` [G] fed ``length``
+    tokens (the newest chosen token, then the trie's forced continuation), their final
+    hidden states [G·width, length, d], cache and prompt caches. ``origin`` [B, N] maps
+    each live beam to the row it descends from (-1: none ran); ``offset`` is the token
+    whose hidden state gives the current step's log-probs."""
 
-    users: torch.Tensor  # [G] int64
+    users: torch.Tensor
     width: int
     hidden: torch.Tensor | None
+    forced: torch.Tensor | None  # [G·width, length - 1] tokens fed after the first
     cache: SuffixCache | None
     prefix: PrefixCache | None
+    origin: torch.Tensor
+    offset: int = 0
 
-    def log_probs(self, decoder: Decoder, num_rows: int, num_beams: int) -> torch.Tensor:
-        """[B·N, V] fp32: the model's log-probs on the rows it ran, 0 on the others (filler
-        beams, closed searches: no real title can come from them, see _run_real_beams)."""
+    def follow(self, parents: torch.Tensor) -> RunningRows:
+        """After a step: each new live beam inherits its parent's origin; the next step
+        reads the next token's state."""
+        return replace(self, origin=self.origin.gather(1, parents), offset=self.offset + 1)
+
+    def has_next(self) -> bool:
+        return self.hidden is not None and self.offset < self.hidden.shape[1]
+
+    def log_probs(self, decoder: Decoder, live: LiveBeams, still_open: torch.Tensor,
+                  step: int) -> torch.Tensor:
+        """[B·N, V] fp32: the model's log-probs for the real beams of open searches, 0 for
+        every other row (see :func:`_run_real_beams`)."""
+        users, width = _real_rows(live, still_open)
+        beams = live.scores.shape[1]
         vocab = decoder.llm.get_output_embeddings().weight.shape[0]
-        out = torch.zeros(num_rows, vocab, dtype=torch.float32, device=self.users.device)
-        if self.hidden is not None:
-            rows = (self.users[:, None] * num_beams
-                    + torch.arange(self.width, device=self.users.device)).flatten()
-            out[rows] = _log_probs(decoder, self.hidden)
+        out = torch.zeros(live.scores.numel(), vocab, dtype=torch.float32,
+                          device=live.scores.device)
+        if width == 0:
+            return out
+        real = ((live.scores > _FILLER_FLOOR) & still_open)[users, :width].flatten()
+        source = self.origin[users, :width].flatten()[real]
+        if bool((source < 0).any()):
+            raise RuntimeError("beam search: a real beam without a computed ancestor")
+        if self.offset > 0:  # a forced token: the beam must have taken it
+            taken = live.tokens[users, :width, step - 2].flatten()[real]
+            if not torch.equal(taken, self.forced[source, self.offset - 1]):
+                raise RuntimeError("beam search: a beam left its forced trie path")
+        rows = (users[:, None] * beams + torch.arange(width, device=users.device)).flatten()
+        out[rows[real]] = _log_probs(decoder, self.hidden[source, self.offset])
         return out
 
 
 def _run_real_beams(reasoner: LatentReasoner, decoder: Decoder, prefix: PrefixCache,
-                    latents: torch.Tensor | None, live: LiveBeams, still_open: torch.Tensor,
-                    parents: torch.Tensor | None, previous: RunningRows | None,
-                    step: int) -> RunningRows:
-    """One model step on the rows whose log-probs can matter.
+                    latents: torch.Tensor | None, trie_t: TrieTensors, live: LiveBeams,
+                    still_open: torch.Tensor, previous: RunningRows | None, step: int,
+                    steps: int) -> RunningRows:
+    """One model pass on the rows whose log-probs can matter, for as many steps ahead as
+    the trie forces.
 
     Rows skipped: every beam of a closed search (its pool is final), and filler beams
     (cumulative score at or below -1e8: a -1e9 charge). A filler's continuations are
     fillers, never real titles, and HF's -1e9 charges swamp whatever log-prob it gets, so
-    the returned titles, order and scores are unchanged. Live beams are sorted by score,
-    so each user's real beams come first: the model runs the first ``width`` beams (the
-    most real beams of any running user) of each running user, and each takes the cache
-    of its parent (a real beam's parent is real, hence ran at the previous step).
+    the returned titles, order and scores are unchanged. The model runs the first
+    ``width`` beams of each running user; each takes the cache of its origin (a real
+    beam's ancestors are real, hence ran).
+
+    Forced runs: when every real beam's next trie steps have one child each (a title
+    spelled out after its distinguishing tokens), those tokens are what the beams will
+    take, so they are fed in the same pass; the following steps read their log-probs
+    from it (full-vocabulary, as HF's) instead of running the model once per token.
     """
-    real = (live.scores > _FILLER_FLOOR) & still_open
-    count = real.sum(1)
-    users = (count > 0).nonzero().squeeze(1)
-    width = int(count.max())
+    users, width = _real_rows(live, still_open)
+    origin = torch.full_like(live.nodes, -1)
     if width == 0:
-        return RunningRows(users, 0, None, None, None)
+        return RunningRows(users, 0, None, None, None, None, origin)
+    origin[users, :width] = torch.arange(len(users) * width,
+                                         device=users.device).view(-1, width)
     if step == 1:  # with a latent: each beam reads [latents] (only beam 0 is real)
         inputs = latents[users].repeat_interleave(width, dim=0)
+        forced = torch.zeros(len(users) * width, 0, dtype=torch.int64, device=users.device)
         cache = None
     else:
-        tokens = live.tokens[users, :width, step - 2]  # chosen at the previous step
-        inputs = reasoner.embed(tokens.flatten())[:, None]
+        real = (live.scores > _FILLER_FLOOR)[users, :width].flatten()
+        forced = _forced_tokens(trie_t, live.nodes[users, :width].flatten(), real,
+                                steps - step)
+        tokens = torch.cat((live.tokens[users, :width, step - 2].flatten()[:, None], forced),
+                           dim=1)
+        inputs = reasoner.embed(tokens)
         cache = None if previous is None else previous.cache
         if cache is not None:
-            cache = cache.gather(_parent_rows(previous, parents, users, width), width)
+            parent = previous.origin[users, :width]
+            parent = torch.where(parent >= 0, parent, 0)  # fillers: any row of the cache
+            cache = cache.gather(parent.flatten(), width)
     same = (previous is not None and previous.prefix is not None
             and torch.equal(previous.users, users))
     prefix_t = previous.prefix if same else prefix.select(users)
     hidden, cache = decoder.suffix(inputs, torch.ones_like(inputs[..., 0]), prefix_t, width,
                                    cache)
-    return RunningRows(users, width, hidden[:, -1], cache, prefix_t)
+    if step == 1:
+        hidden = hidden[:, -1:]
+    return RunningRows(users, width, hidden, forced, cache, prefix_t, origin)
 
 
-def _parent_rows(previous: RunningRows, parents: torch.Tensor, users: torch.Tensor,
-                 width: int) -> torch.Tensor:
-    """Row of the previous step's cache each new row continues [G·width]: its parent's,
-    or row 0 of the user for a filler whose parent did not run (its values never count)."""
-    position = torch.full((parents.shape[0],), -1, dtype=torch.int64, device=users.device)
-    position[previous.users] = torch.arange(len(previous.users), device=users.device)
-    parent = parents[users, :width]
-    parent = torch.where(parent < previous.width, parent, 0)
-    return (position[users][:, None] * previous.width + parent).flatten()
+def _forced_tokens(trie_t: TrieTensors, nodes: torch.Tensor, real: torch.Tensor,
+                   limit: int) -> torch.Tensor:
+    """[R, n] the next n tokens the real rows will take (n <= limit), while each real row
+    is either at a trie node with exactly one child other than EOS, or has reached an end
+    (only EOS allowed: it takes EOS next and becomes a finished, charged beam whose
+    log-probs are no longer read). Ended and non-real rows get EOS (never read)."""
+    tokens = []
+    eos = trie_t.eos_token_id
+    ended = torch.zeros_like(real)
+    for _ in range(limit):
+        safe = nodes.clamp(min=0)
+        start = trie_t.offsets[safe]
+        count = torch.where(nodes >= 0, trie_t.offsets[safe + 1] - start, 0)
+        edge = torch.where(count > 0, start, 0)
+        token = trie_t.child_tokens[edge]
+        ended = ended | (count == 0) | ((count == 1) & (token == eos))
+        single = (count == 1) & (token != eos) & ~ended
+        if bool((ended | ~real).all()) or not bool((single | ended | ~real).all()):
+            break
+        tokens.append(torch.where(single, token, eos))
+        nodes = torch.where(single, trie_t.child_nodes[edge], -1)
+    if not tokens:
+        return torch.zeros(nodes.shape[0], 0, dtype=torch.int64, device=nodes.device)
+    return torch.stack(tokens, dim=1)
 
 
 def _encode_prompts(reasoner: LatentReasoner, decoder: Decoder, prompt_ids: torch.Tensor,
