@@ -2,6 +2,8 @@
 
     python benchmarks/rl_step.py --json                       # SmolLM2-135M, 8 ml-100k prompts, K=8
     python benchmarks/rl_step.py --template latentr3 --json   # the release's prompt wording
+    python benchmarks/rl_step.py --data csv:../shared/data/amazon-cds --train-split valid \
+        --template latentr3 --json                            # the paper's CDs prompts
     python benchmarks/rl_step.py --model qwen2.5-1.5b-random --device cuda --json
 
 Each path runs in its own subprocess, so one path's peak memory cannot hide another's:
@@ -56,9 +58,9 @@ def build(args):
     llm, tok = load_llm(args.model, dtype=args.dtype, tokenizer_texts=texts, seed=0)
     reasoner = LatentReasoner.build(llm, tok, ReasonerConfig()).to(args.device)
     builder = PromptBuilder(tok, domain=dataset.domain, template=args.template)
-    rows = seeded_sample(dataset.split("train"), args.prompts, seed=0)
+    rows = seeded_sample(dataset.split(args.train_split), args.prompts, seed=0)
     batch = collate([builder.encode(ex) for ex in rows], tok.pad_token_id).to(args.device)
-    users = seeded_sample(dataset.split("test"), args.eval_users, seed=0)
+    users = seeded_sample(dataset.split(args.eval_split), args.eval_users, seed=0)
     eval_batch = collate([builder.encode(ex) for ex in users], tok.pad_token_id).to(args.device)
     trie = build_title_trie(builder, dataset.catalogue)
     torch.manual_seed(0)
@@ -181,6 +183,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="smollm2-135m",
                         help="smollm2-135m | smollm2-135m-random | qwen2.5-1.5b-random | ...")
     parser.add_argument("--data", default="movielens-100k", help="dataset spec (see train.py)")
+    parser.add_argument("--train-split", default="train", help="split of the RL/SFT prompts")
+    parser.add_argument("--eval-split", default="test", help="split of the beam-search users")
     parser.add_argument("--template", default="default", choices=("default", "latentr3"),
                         help="prompt wording (latentr3: the release's)")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per RL/SFT step")
