@@ -147,9 +147,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                   rl_batch_size=8, rl_max_steps=2, rl_warmup_steps=1, rl_lr=1e-3,
                   eval_limit=12, num_beams=5, max_new_tokens=24, save_every=10),
     # Sized for 2 CPU cores with the engine (benchmarks/RESULTS.md: SmolLM2-135M there does
-    # an SFT step of 8 examples in ~10 s, an RL step of 8 prompts x K=8 in ~11 s, and
-    # beam search at ~1.9 s per user): about 15 minutes in all.
-    "cpu": dict(sft_limit=256, sft_batch_size=32, sft_micro_batch=8, sft_epochs=1,
+    # an SFT step of 32 examples in ~51 s, an RL step of 8 prompts x K=8 in ~12 s, and
+    # beam search at ~1.25 s per user): 17 min 47 s measured alone.
+    "cpu": dict(sft_limit=320, sft_batch_size=32, sft_micro_batch=8, sft_epochs=1,
                 sft_warmup_steps=1, sft_lr=3e-4, valid_limit=32, rl_limit=80,
                 rl_batch_size=8, rl_max_steps=10, rl_warmup_steps=1, rl_lr=1e-4,
                 eval_limit=100, eval_batch_size=8, save_every=4),

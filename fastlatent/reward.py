@@ -11,10 +11,10 @@ import sys
 
 import torch
 
-from fastlatent.data.batch import positions_from_mask
 from fastlatent.engine.decoder import Decoder, UnsupportedModelError
 from fastlatent.engine.grpo import perplexity_reward
 from fastlatent.engine.scoring import score_targets, target_logprobs_from_logits
+from fastlatent.ops.positions import positions_from_mask
 
 
 def _check_ids(ids: torch.Tensor, mask: torch.Tensor, name: str) -> None:

@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fastlatent.data.batch import positions_from_mask
 from fastlatent.data.trie import TitleTrie
 from fastlatent.engine.beam_search import Hypothesis
 from fastlatent.engine.generate_search import _row_hypotheses
+from fastlatent.ops.positions import positions_from_mask
 from fastlatent.testing.beam_search import naive_beam_search
 
 PAD, EOS, VOCAB, HIDDEN = 0, 1, 40, 32

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastlatent.data.batch import collate, positions_from_mask
+from fastlatent.data.batch import collate
 from fastlatent.engine.grpo import latent_grpo_loss, ppl_rewards, sample_noise
+from fastlatent.ops.positions import positions_from_mask
 from fastlatent.rl import freeze_llm
 from fastlatent.testing.naive_steps import (
     naive_rl_step,

@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastlatent.data.batch import positions_from_mask
 from fastlatent.engine.beam_search import engine_beam_search
 from fastlatent.engine.decoder import Decoder
 from fastlatent.engine.grpo import sample_noise
 from fastlatent.engine.latents import chain_latents
 from fastlatent.engine.steps import rl_step, sft_step
 from fastlatent.evaluate import build_title_trie
+from fastlatent.ops.positions import positions_from_mask
 from fastlatent.rl import freeze_llm
 from fastlatent.testing.beam_search import naive_beam_search
 from fastlatent.testing.naive_steps import naive_rl_step, naive_sft_step

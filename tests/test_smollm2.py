@@ -42,9 +42,9 @@ def test_smollm2_loads_and_trains_one_sft_step(tmp_path):
                          ids=["flat", "common-start"])
 def test_engine_matches_hf_forward_on_smollm2(share_common, atol):
     """Decoder prefix + suffix logits equal the HF model's own forward (fp32, real weights)."""
-    from fastlatent.data.batch import positions_from_mask
     from fastlatent.engine.decoder import Decoder
     from fastlatent.model.loading import load_llm
+    from fastlatent.ops.positions import positions_from_mask
 
     llm, tok = load_llm("smollm2-135m")
     llm.eval()

@@ -62,7 +62,3 @@ def collate(examples: Sequence[EncodedExample], pad_id: int) -> Batch:
         target_mask[i, :lt] = 1
     return Batch(prompt_ids, prompt_mask, target_ids, target_mask)
 
-
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids 0..n-1 over the real tokens of each row (padding gets 0)."""
-    return (mask.long().cumsum(-1) - 1).clamp_min(0)

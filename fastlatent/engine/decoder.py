@@ -30,8 +30,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from fastlatent.data.batch import positions_from_mask
-from fastlatent.ops.latent_attention import last_real_index, rotate_half
+from fastlatent.ops.positions import last_real_index, positions_from_mask, rotate_half
 from fastlatent.ops.shared_prefix_attention import shared_prefix_attention
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")

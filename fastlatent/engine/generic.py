@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fastlatent.data.batch import Batch, positions_from_mask
+from fastlatent.data.batch import Batch
 from fastlatent.data.trie import TitleTrie
 from fastlatent.engine.beam_search import engine_beam_search
 from fastlatent.engine.decoder import Decoder, UnsupportedModelError
@@ -29,6 +29,7 @@ from fastlatent.engine.grpo import (
 from fastlatent.engine.scoring import target_logprobs_from_logits
 from fastlatent.engine.steps import RLStepOutput, SFTStepOutput, rl_step, sft_step
 from fastlatent.model.reasoner import LatentReasoner
+from fastlatent.ops.positions import positions_from_mask
 
 
 def generic_sft_step(reasoner: LatentReasoner, batch: Batch) -> SFTStepOutput:

@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastlatent.data.batch import positions_from_mask
 from fastlatent.data.tokenizer import THOUGHT_TOKEN, add_thought_token
 from fastlatent.errors import CheckpointError
 from fastlatent.model.latent_ratt import LatentRATT
-from fastlatent.ops.latent_attention import last_real_index
+from fastlatent.ops.positions import last_real_index, positions_from_mask
 
 LATENT_MODES = ("ratt", "last-hidden", "none")
 FORMAT_VERSION = 1

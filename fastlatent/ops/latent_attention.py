@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
-from fastlatent.data.batch import positions_from_mask
 from fastlatent.ops._backend import resolve_backend
 from fastlatent.ops._launch import alloc as _alloc
 from fastlatent.ops._launch import tune_bucket
 from fastlatent.ops._launch import unit_inner as _unit_inner
+from fastlatent.ops.positions import last_real_index, positions_from_mask, rope_cos_sin, rotate_half
 
 
 @dataclass(frozen=True)
@@ -42,27 +42,6 @@ class LatentAttentionWeights:
     k_bias: torch.Tensor
     v_weight: torch.Tensor
     v_bias: torch.Tensor
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def rope_cos_sin(positions: torch.Tensor, dim: int, base: float) -> tuple[torch.Tensor, ...]:
-    """cos/sin tables [..., dim] (fp32) for the half-split rotary layout."""
-    exponent = torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim
-    angles = positions.float()[..., None] * base ** (-exponent)  # [..., dim/2]
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def last_real_index(mask: torch.Tensor) -> torch.Tensor:
-    """Column of the last real token in each row of a [B, L] mask (left or right padded)."""
-    if not bool((mask.sum(-1) > 0).all()):
-        raise ValueError("every prompt needs at least one real token (mask row is all zero)")
-    cols = torch.arange(mask.shape[-1], device=mask.device)
-    return torch.where(mask.bool(), cols, -1).amax(-1)
 
 
 def latent_attention_torch(hidden: torch.Tensor, mask: torch.Tensor,
