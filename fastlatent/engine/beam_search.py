@@ -11,6 +11,11 @@ Every step works on tensors: each beam carries its trie node, and its continuati
 gathered from the trie's CSR arrays into ``[R, C]`` (C = the most children of any current
 node). Scores are full-vocabulary fp32 ``log_softmax`` log-probs, not renormalised.
 
+Work skipped without changing the result (:func:`_run_real_beams`): the model runs only
+the real beams of open searches (not HF's -1e9 fillers, not closed searches), and when
+the trie forces every real beam's next tokens, one suffix pass feeds them all and the
+following steps read their log-probs from it.
+
 Hugging Face's rules, reproduced step by step in the same fp32 arithmetic (``N`` beams):
 
 - Beams 1..N-1 start at -1e9 ("fillers"), so step 1 expands beam 0 only.
