@@ -121,6 +121,23 @@ def _suffix_allow(b_ok, kp, ks, q_p, q_t, S, T):
             & (ks[None, :] <= (S - T + q_t)[:, None]))
 
 
+@triton.jit
+def _softmax_over_key_row(b_q, k, v, ok, row, n_keys, stride_k0, stride_k2, stride_v0,
+                          stride_v2, o_d, m_d, m_m, b_m, b_l, b_acc, scale,
+                          PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax over one key row that every query of the block sees (its real
+    slots): the common keys (row 0) or the group's prompt (row g); k, v already offset to
+    the kv head."""
+    for i_n in range(0, tl.cdiv(n_keys, BLOCK_N)):
+        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        b_k, b_v, b_ok, kp, ks = _load_keys(k, v, ok, row, o_n, n_keys, n_keys, stride_k0,
+                                            stride_k2, stride_v0, stride_v2, o_d, m_d)
+        b_allow = b_ok[None, :] & m_m[:, None]
+        b_m, b_l, b_acc = _online_step(b_q, b_k, b_v, b_allow, b_m, b_l, b_acc, scale,
+                                       PRECISION)
+    return b_m, b_l, b_acc
+
+
 @triton.autotune(configs=FWD_CONFIGS, key=["M_BUCKET", "D"])
 @triton.jit
 def _shared_prefix_attention_fwd_kernel(
@@ -148,23 +165,14 @@ def _shared_prefix_attention_fwd_kernel(
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # common keys (C = 0: none): one key row for the whole batch, all real
-    for i_n in range(0, tl.cdiv(C, BLOCK_N)):
-        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        b_k, b_v, b_ok, kp, ks = _load_keys(ck + i_h * stride_ck1, cv + i_h * stride_cv1, cm,
-                                            0, o_n, C, C, 0, stride_ck2, 0, stride_cv2, o_d,
-                                            m_d)
-        b_allow = b_ok[None, :] & m_m[:, None]
-        b_m, b_l, b_acc = _online_step(b_q, b_k, b_v, b_allow, b_m, b_l, b_acc, scale,
-                                       PRECISION)
+    b_m, b_l, b_acc = _softmax_over_key_row(
+        b_q, ck + i_h * stride_ck1, cv + i_h * stride_cv1, cm, 0, C, 0, stride_ck2, 0,
+        stride_cv2, o_d, m_d, m_m, b_m, b_l, b_acc, scale, PRECISION, BLOCK_N)
     # prompt: one key row (the group's), every query of the block sees every real slot
-    for i_n in range(0, tl.cdiv(L, BLOCK_N)):
-        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        b_k, b_v, b_ok, kp, ks = _load_keys(pk + i_h * stride_pk1, pv + i_h * stride_pv1, pm,
-                                            i_g, o_n, L, L, stride_pk0, stride_pk2,
-                                            stride_pv0, stride_pv2, o_d, m_d)
-        b_allow = b_ok[None, :] & m_m[:, None]
-        b_m, b_l, b_acc = _online_step(b_q, b_k, b_v, b_allow, b_m, b_l, b_acc, scale,
-                                       PRECISION)
+    b_m, b_l, b_acc = _softmax_over_key_row(
+        b_q, pk + i_h * stride_pk1, pv + i_h * stride_pv1, pm, i_g, L, stride_pk0,
+        stride_pk2, stride_pv0, stride_pv2, o_d, m_d, m_m, b_m, b_l, b_acc, scale, PRECISION,
+        BLOCK_N)
     # suffix: the key rows of the block's query rows, flattened (row, slot)
     p_lo = (i_m * BLOCK_M) // (NREP * T)
     p_hi = tl.minimum((i_m * BLOCK_M + BLOCK_M - 1) // (NREP * T), P - 1) + 1
@@ -207,6 +215,23 @@ def _load_query_stats(lse, delta, q_row, q_head, q_t, H, T, m_m):
     return b_lse, b_delta
 
 
+@triton.jit
+def _dq_over_key_row(b_q, b_do, b_lse, b_delta, k, v, ok, row, n_keys, stride_k0, stride_k2,
+                     stride_v0, stride_v2, o_d, m_d, m_m, b_dq, scale,
+                     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dq's share [BM, BD] (unscaled) from one key row every query of the block sees (the
+    common keys or the group's prompt), added to b_dq."""
+    for i_n in range(0, tl.cdiv(n_keys, BLOCK_N)):
+        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        b_k, b_v, b_ok, kp, ks = _load_keys(k, v, ok, row, o_n, n_keys, n_keys, stride_k0,
+                                            stride_k2, stride_v0, stride_v2, o_d, m_d)
+        b_allow = b_ok[None, :] & m_m[:, None]
+        b_p, b_ds = _probs_and_dscores(b_q, b_do, b_lse, b_delta, b_k, b_v, b_allow, scale,
+                                       PRECISION)
+        b_dq = tl.dot(b_ds, b_k, b_dq, input_precision=PRECISION)
+    return b_dq
+
+
 @triton.autotune(configs=DQ_CONFIGS, key=["M_BUCKET", "D"])
 @triton.jit
 def _shared_prefix_attention_bwd_dq_kernel(
@@ -233,24 +258,13 @@ def _shared_prefix_attention_bwd_dq_kernel(
                                        NREP * tl.num_programs(1), T, m_m)
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for i_n in range(0, tl.cdiv(C, BLOCK_N)):
-        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        b_k, b_v, b_ok, kp, ks = _load_keys(ck + i_h * stride_ck1, cv + i_h * stride_cv1, cm,
-                                            0, o_n, C, C, 0, stride_ck2, 0, stride_cv2, o_d,
-                                            m_d)
-        b_allow = b_ok[None, :] & m_m[:, None]
-        b_p, b_ds = _probs_and_dscores(b_q, b_do, b_lse, b_delta, b_k, b_v, b_allow, scale,
-                                       PRECISION)
-        b_dq = tl.dot(b_ds, b_k, b_dq, input_precision=PRECISION)
-    for i_n in range(0, tl.cdiv(L, BLOCK_N)):
-        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        b_k, b_v, b_ok, kp, ks = _load_keys(pk + i_h * stride_pk1, pv + i_h * stride_pv1, pm,
-                                            i_g, o_n, L, L, stride_pk0, stride_pk2,
-                                            stride_pv0, stride_pv2, o_d, m_d)
-        b_allow = b_ok[None, :] & m_m[:, None]
-        b_p, b_ds = _probs_and_dscores(b_q, b_do, b_lse, b_delta, b_k, b_v, b_allow, scale,
-                                       PRECISION)
-        b_dq = tl.dot(b_ds, b_k, b_dq, input_precision=PRECISION)
+    b_dq = _dq_over_key_row(b_q, b_do, b_lse, b_delta, ck + i_h * stride_ck1,
+                            cv + i_h * stride_cv1, cm, 0, C, 0, stride_ck2, 0, stride_cv2, o_d,
+                            m_d, m_m, b_dq, scale, PRECISION, BLOCK_N)
+    b_dq = _dq_over_key_row(b_q, b_do, b_lse, b_delta, pk + i_h * stride_pk1,
+                            pv + i_h * stride_pv1, pm, i_g, L, stride_pk0, stride_pk2,
+                            stride_pv0, stride_pv2, o_d, m_d, m_m, b_dq, scale, PRECISION,
+                            BLOCK_N)
     p_lo = (i_m * BLOCK_M) // (NREP * T)
     p_hi = tl.minimum((i_m * BLOCK_M + BLOCK_M - 1) // (NREP * T), P - 1) + 1
     n_lo = p_lo * S

@@ -98,10 +98,8 @@ def test_padded_queries_stay_finite_with_gradients():
     assert all(bool(torch.isfinite(gr).all()) for gr in grads)
 
 
-def test_prefix_is_read_once_per_group(monkeypatch):
-    """64 rows over one prompt: every matmul touching prompt K/V has batch G = 1, i.e. the
-    rows' queries are stacked against the prompt instead of the prompt copied per row."""
-    inputs = make_inputs(1, 64, 1, 1, 8, torch.float32)
+def matmul_shapes(monkeypatch, inputs):
+    """The (a, b) shapes of every torch.matmul one call of the op makes."""
     original, shapes = torch.matmul, []
 
     def recording_matmul(a, b):
@@ -110,6 +108,13 @@ def test_prefix_is_read_once_per_group(monkeypatch):
 
     monkeypatch.setattr(torch, "matmul", recording_matmul)
     shared_prefix_attention(**inputs)
+    return shapes
+
+
+def test_prefix_is_read_once_per_group(monkeypatch):
+    """64 rows over one prompt: every matmul touching prompt K/V has batch G = 1, i.e. the
+    rows' queries are stacked against the prompt instead of the prompt copied per row."""
+    shapes = matmul_shapes(monkeypatch, make_inputs(1, 64, 1, 1, 8, torch.float32))
     prefix_batches = [a[0] for a, b in shapes if L in (b[-1], b[-2])]
     assert len(prefix_batches) == 2 and set(prefix_batches) == {1}
 
@@ -118,15 +123,7 @@ def test_common_keys_are_read_once_per_batch(monkeypatch):
     """3 groups x 4 rows over 6 common keys: the common K/V enter exactly two matmuls (the
     scores and the values), unbatched over groups and rows -- read once for the batch,
     never copied per group or row."""
-    inputs = make_inputs(3, 4, 2, 1, 8, torch.float32, common=6)
-    original, shapes = torch.matmul, []
-
-    def recording_matmul(a, b):
-        shapes.append((tuple(a.shape), tuple(b.shape)))
-        return original(a, b)
-
-    monkeypatch.setattr(torch, "matmul", recording_matmul)
-    shared_prefix_attention(**inputs)
+    shapes = matmul_shapes(monkeypatch, make_inputs(3, 4, 2, 1, 8, torch.float32, common=6))
     common = [(a, b) for a, b in shapes if 6 in (b[-1], b[-2])]
     assert len(common) == 2
     assert all(len(a) == 3 and a[0] == HKV for a, _ in common)  # [Hkv, all queries, .]

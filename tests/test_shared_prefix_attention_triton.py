@@ -107,12 +107,13 @@ def _sampled_cases():
                          f"{'fp32' if c[6] == torch.float32 else 'fp16'}") for c in picked]
 
 
-@pytest.mark.parametrize("g,rows_per_group,t,cached,n_rep,d,dtype", _sampled_cases())
-def test_matches_torch_and_oracle(g, rows_per_group, t, cached, n_rep, d, dtype, poisoned):
-    inputs = make_inputs(g, rows_per_group, t, cached, n_rep, d, dtype)
-    ref_in = {n: inputs[n].double().requires_grad_() for n in GRAD_NAMES}
-    tor_in = {n: inputs[n].clone().requires_grad_() for n in GRAD_NAMES}
-    tri_in = {n: inputs[n].clone().requires_grad_() for n in GRAD_NAMES}
+def check_against_torch_and_oracle(inputs, names, dtype, poisoned, buffers):
+    """Triton vs the float64 oracle (values and the gradients of ``names``) within TOL
+    and within twice the torch path's error; padded queries equal the torch path's; every
+    one of the ``buffers`` Triton allocations written in full."""
+    ref_in = {n: inputs[n].double().requires_grad_() for n in names}
+    tor_in = {n: inputs[n].clone().requires_grad_() for n in names}
+    tri_in = {n: inputs[n].clone().requires_grad_() for n in names}
     keep = query_valid(inputs)
     ref = naive_shared_prefix_attention(**{**inputs, **ref_in})
     tor = shared_prefix_attention(**{**inputs, **tor_in}, backend="torch")
@@ -130,15 +131,21 @@ def test_matches_torch_and_oracle(g, rows_per_group, t, cached, n_rep, d, dtype,
     ref_g = torch.autograd.grad(ref, list(ref_in.values()), upstream)
     tor_g = torch.autograd.grad(tor, list(tor_in.values()), upstream.to(dtype))
     tri_g = torch.autograd.grad(tri, list(tri_in.values()), upstream.to(dtype))
-    for name, r_, o_, t_ in zip(GRAD_NAMES, ref_g, tor_g, tri_g, strict=True):
+    for name, r_, o_, t_ in zip(names, ref_g, tor_g, tri_g, strict=True):
         assert t_.dtype == dtype and t_.shape == r_.shape, name
         assert bool(torch.isfinite(t_).all()), name
         torch.testing.assert_close(t_.double(), r_, **TOL[dtype],
                                    msg=lambda m, n=name: f"{n}: {m}")
         assert_within_twice_torch(t_, o_, r_, dtype, name)
-    # out, lse, dq, dk, dv, dprefix_k, dprefix_v: all written in full
-    assert len(poisoned) == 7
+    assert len(poisoned) == buffers
     assert not any(bool(torch.isnan(b).any()) for b in poisoned)
+
+
+@pytest.mark.parametrize("g,rows_per_group,t,cached,n_rep,d,dtype", _sampled_cases())
+def test_matches_torch_and_oracle(g, rows_per_group, t, cached, n_rep, d, dtype, poisoned):
+    inputs = make_inputs(g, rows_per_group, t, cached, n_rep, d, dtype)
+    # out, lse, dq, dk, dv, dprefix_k, dprefix_v
+    check_against_torch_and_oracle(inputs, GRAD_NAMES, dtype, poisoned, buffers=7)
 
 
 COMMON_NAMES = GRAD_NAMES + ("common_k", "common_v")
@@ -156,28 +163,8 @@ def test_common_keys_match_torch_and_oracle(g, rows_per_group, t, cached, n_rep,
     gen = torch.Generator().manual_seed(8)
     for name in ("common_k", "common_v"):
         inputs[name] = torch.randn(1, HKV, common, d, generator=gen).to(dtype).to(DEVICE)
-    ref_in = {n: inputs[n].double().requires_grad_() for n in COMMON_NAMES}
-    tor_in = {n: inputs[n].clone().requires_grad_() for n in COMMON_NAMES}
-    tri_in = {n: inputs[n].clone().requires_grad_() for n in COMMON_NAMES}
-    keep = query_valid(inputs)
-    ref = naive_shared_prefix_attention(**{**inputs, **ref_in})
-    tor = shared_prefix_attention(**{**inputs, **tor_in}, backend="torch")
-    tri = shared_prefix_attention(**{**inputs, **tri_in}, backend="triton")
-    torch.testing.assert_close(tri.double() * keep, ref * keep, **TOL[dtype])
-    assert_within_twice_torch(tri * keep, tor * keep, ref * keep, dtype, "out")
-    upstream = torch.randn(ref.shape, dtype=torch.float64,
-                           generator=torch.Generator().manual_seed(1)).to(DEVICE) * keep
-    ref_g = torch.autograd.grad(ref, list(ref_in.values()), upstream)
-    tor_g = torch.autograd.grad(tor, list(tor_in.values()), upstream.to(dtype))
-    tri_g = torch.autograd.grad(tri, list(tri_in.values()), upstream.to(dtype))
-    for name, r_, o_, t_ in zip(COMMON_NAMES, ref_g, tor_g, tri_g, strict=True):
-        assert t_.dtype == dtype and bool(torch.isfinite(t_).all()), name
-        torch.testing.assert_close(t_.double(), r_, **TOL[dtype],
-                                   msg=lambda m, n=name: f"{n}: {m}")
-        assert_within_twice_torch(t_, o_, r_, dtype, name)
-    # out, lse, dq, dk, dv, dprefix_k/v, dcommon_k/v: all written in full
-    assert len(poisoned) == 9
-    assert not any(bool(torch.isnan(b).any()) for b in poisoned)
+    # ... and dcommon_k, dcommon_v
+    check_against_torch_and_oracle(inputs, COMMON_NAMES, dtype, poisoned, buffers=9)
 
 
 def test_long_prompt_spans_several_tiles():

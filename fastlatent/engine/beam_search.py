@@ -205,10 +205,11 @@ def engine_beam_search(
         else:
             if running is not None:
                 running = running.follow(parents)
+            real = RealBeams.of(live, still_open)
             if running is None or not running.has_next():
                 running = _run_real_beams(reasoner, decoder, prefix, latents, trie_t, live,
-                                          still_open, running, step, steps)
-            logp = running.log_probs(decoder, live, still_open, step)
+                                          real, running, step, steps)
+            logp = running.log_probs(decoder, live, real, step, vocab_size)
         cand = _top_candidates(live, logp, trie_t, step, steps)
         live, parents = _next_live(cand, num_beams)
         pool = _update_pool(pool, cand, still_open, step, length_penalty)
@@ -218,14 +219,30 @@ def engine_beam_search(
     return _hypotheses(pool, num_return)
 
 
-def _real_rows(live: LiveBeams, still_open: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The beams whose log-probs can matter: the real ones (cumulative score above -1e8,
-    i.e. without HF's -1e9 charge) of open searches. Live beams are sorted by score, so a
-    user's real beams come first: returns the users holding one [G] and the most real
-    beams of any of them."""
-    real = (live.scores > _FILLER_FLOOR) & still_open
-    count = real.sum(1)
-    return (count > 0).nonzero().squeeze(1), int(count.max())
+@dataclass
+class RealBeams:
+    """The beams whose log-probs can matter at a step: the real ones (cumulative score
+    above -1e8, i.e. without HF's -1e9 charge) of open searches. Live beams are sorted by
+    score, so a user's real beams come first: the block of the first ``width`` beams
+    (the most real beams of any user) of each of ``users`` holds them all; ``mask``
+    [G·width] says which of the block's rows are real."""
+
+    users: torch.Tensor  # [G] int64, users holding a real beam
+    width: int
+    mask: torch.Tensor
+
+    @classmethod
+    def of(cls, live: LiveBeams, still_open: torch.Tensor) -> RealBeams:
+        real = (live.scores > _FILLER_FLOOR) & still_open
+        count = real.sum(1)
+        users = (count > 0).nonzero().squeeze(1)
+        width = int(count.max())
+        return cls(users, width, real[users, :width].flatten())
+
+    def rows(self, beams: int) -> torch.Tensor:
+        """[G·width] the block's rows in the flat [B·N] beam numbering."""
+        return (self.users[:, None] * beams
+                + torch.arange(self.width, device=self.users.device)).flatten()
 
 
 @dataclass
@@ -253,33 +270,30 @@ class RunningRows:
     def has_next(self) -> bool:
         return self.hidden is not None and self.offset < self.hidden.shape[1]
 
-    def log_probs(self, decoder: Decoder, live: LiveBeams, still_open: torch.Tensor,
-                  step: int) -> torch.Tensor:
+    def log_probs(self, decoder: Decoder, live: LiveBeams, real: RealBeams, step: int,
+                  vocab_size: int) -> torch.Tensor:
         """[B·N, V] fp32: the model's log-probs for the real beams of open searches, 0 for
         every other row (see :func:`_run_real_beams`)."""
-        users, width = _real_rows(live, still_open)
-        beams = live.scores.shape[1]
-        vocab = decoder.llm.get_output_embeddings().weight.shape[0]
-        out = torch.zeros(live.scores.numel(), vocab, dtype=torch.float32,
+        out = torch.zeros(live.scores.numel(), vocab_size, dtype=torch.float32,
                           device=live.scores.device)
-        if width == 0:
+        if real.width == 0:
             return out
-        real = ((live.scores > _FILLER_FLOOR) & still_open)[users, :width].flatten()
-        source = self.origin[users, :width].flatten()[real]
+        users, width = real.users, real.width
+        source = self.origin[users, :width].flatten()[real.mask]
         if bool((source < 0).any()):
             raise RuntimeError("beam search: a real beam without a computed ancestor")
         if self.offset > 0:  # a forced token: the beam must have taken it
-            taken = live.tokens[users, :width, step - 2].flatten()[real]
+            taken = live.tokens[users, :width, step - 2].flatten()[real.mask]
             if not torch.equal(taken, self.forced[source, self.offset - 1]):
                 raise RuntimeError("beam search: a beam left its forced trie path")
-        rows = (users[:, None] * beams + torch.arange(width, device=users.device)).flatten()
-        out[rows[real]] = _log_probs(decoder, self.hidden[source, self.offset])
+        rows = real.rows(live.scores.shape[1])[real.mask]
+        out[rows] = _log_probs(decoder, self.hidden[source, self.offset])
         return out
 
 
 def _run_real_beams(reasoner: LatentReasoner, decoder: Decoder, prefix: PrefixCache,
                     latents: torch.Tensor | None, trie_t: TrieTensors, live: LiveBeams,
-                    still_open: torch.Tensor, previous: RunningRows | None, step: int,
+                    real: RealBeams, previous: RunningRows | None, step: int,
                     steps: int) -> RunningRows:
     """One model pass on the rows whose log-probs can matter, for as many steps ahead as
     the trie forces.
@@ -296,7 +310,7 @@ def _run_real_beams(reasoner: LatentReasoner, decoder: Decoder, prefix: PrefixCa
     take, so they are fed in the same pass; the following steps read their log-probs
     from it (full-vocabulary, as HF's) instead of running the model once per token.
     """
-    users, width = _real_rows(live, still_open)
+    users, width = real.users, real.width
     origin = torch.full_like(live.nodes, -1)
     if width == 0:
         return RunningRows(users, 0, None, None, None, None, origin)
@@ -307,8 +321,7 @@ def _run_real_beams(reasoner: LatentReasoner, decoder: Decoder, prefix: PrefixCa
         forced = torch.zeros(len(users) * width, 0, dtype=torch.int64, device=users.device)
         cache = None
     else:
-        real = (live.scores > _FILLER_FLOOR)[users, :width].flatten()
-        forced = _forced_tokens(trie_t, live.nodes[users, :width].flatten(), real,
+        forced = _forced_tokens(trie_t, live.nodes[users, :width].flatten(), real.mask,
                                 steps - step)
         tokens = torch.cat((live.tokens[users, :width, step - 2].flatten()[:, None], forced),
                            dim=1)
