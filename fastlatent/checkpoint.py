@@ -192,13 +192,14 @@ def checkpoint_after_step(output_dir: Path, state: TrainingState, reasoner,
                           log, generator: torch.Generator | None = None,
                           final: bool = False) -> None:
     """After an optimiser step: save every ``save_every`` steps, at the end of a stage
-    (``final``) and when a shutdown signal arrived, then raise
-    :class:`~fastlatent.shutdown.Interrupted` for the signal."""
-    from fastlatent import shutdown
+    (``final``) and when a shutdown signal arrived (on any process: all stop after the
+    same step), then raise :class:`~fastlatent.shutdown.Interrupted` for the signal.
+    Only the main process writes; every process holds the same weights and states."""
+    from fastlatent import distributed, shutdown
 
-    signum = shutdown.requested()
+    signum = distributed.agreed_signal(shutdown.requested())
     due = final or signum is not None or (save_every > 0 and state.step % save_every == 0)
-    if due:
+    if due and distributed.is_main():
         path = save_training_state(output_dir, state, reasoner, optimizer, scheduler,
                                    generator)
         log.write(state.stage, "checkpoint", step=state.step, path=str(path))

@@ -62,8 +62,10 @@ class ModelConfig:
 @dataclass
 class SFTConfig:
     sft_lr: float = _f(3e-4, "SFT learning rate (paper: from {3e-3, 3e-4, 3e-5})")
-    sft_batch_size: int = _f(128, "SFT global batch (examples per optimiser step)")
-    sft_micro_batch: int = _f(8, "SFT examples per forward/backward (gradient accumulation)")
+    sft_batch_size: int = _f(128, "SFT global batch (examples per optimiser step, over all "
+                               "processes under torchrun)")
+    sft_micro_batch: int = _f(8, "SFT examples per forward/backward (gradient "
+                                "accumulation; dealt over the processes under torchrun)")
     sft_epochs: int = _f(3, "SFT epochs")
     sft_warmup_steps: int = _f(20, "SFT linear warm-up steps, then linear decay to 0")
     sft_weight_decay: float = _f(0.0, "AdamW weight decay in SFT")
@@ -73,8 +75,10 @@ class SFTConfig:
 @dataclass
 class RLConfig:
     rl_lr: float = _f(1e-4, "RL learning rate for LatentRATT (release: {1e-5,5e-5,1e-4,5e-4})")
-    rl_batch_size: int = _f(32, "prompts per RL optimiser step")
-    rl_micro_batch: int = _f(0, "prompts per RL forward (0 = the whole optimiser batch); the "
+    rl_batch_size: int = _f(32, "prompts per RL optimiser step (global: over all "
+                              "processes under torchrun; the advantage pool)")
+    rl_micro_batch: int = _f(0, "prompts per RL forward (0 = the whole optimiser batch, or "
+                             "each process's share of it under torchrun); the "
                              "advantage pool is always the optimiser batch (micro-batching adds "
                              "one no-grad scoring pass)")
     rl_epochs: int = _f(1, "RL epochs over the training prompts")
@@ -123,7 +127,10 @@ class RunConfig:
                       "checkpoint (same configuration; any stage)")
     overwrite: bool = _f(False, "start afresh in a non-empty --output-dir, deleting the "
                          "earlier run's outputs there")
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N (under torchrun: auto or cuda, "
+                     "each process takes the GPU of its LOCAL_RANK)")
+    dist_timeout: float = _f(30.0, "under torchrun: minutes a process waits for the others "
+                             "at a collective before the run stops with an error")
 
 
 @dataclass
@@ -197,7 +204,7 @@ _POSITIVE_INTS = ("sft_batch_size", "sft_micro_batch", "sft_epochs", "sft_warmup
 FROM_CHECKPOINT = ("model", "latent", "ratt_heads", "ratt_rope_base", "num_latents")
 _NON_NEGATIVE_INTS = ("sft_limit", "rl_limit", "valid_limit", "eval_limit", "rl_micro_batch",
                       "rl_max_steps", "save_every")
-_POSITIVE_FLOATS = ("sft_lr", "rl_lr", "grad_clip", "ratt_rope_base")
+_POSITIVE_FLOATS = ("sft_lr", "rl_lr", "grad_clip", "ratt_rope_base", "dist_timeout")
 
 
 def validate_config(cfg: Config, explicit: Iterable[str] = ()) -> None:

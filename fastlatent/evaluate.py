@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fastlatent import shutdown
+from fastlatent import distributed, shutdown
 from fastlatent.config import EvalConfig
 from fastlatent.data.batch import collate
 from fastlatent.data.example import Catalogue, Example
@@ -49,37 +49,57 @@ def decode_title(tokenizer, token_ids: Sequence[int]) -> str:
 def evaluate(reasoner: LatentReasoner, examples: Sequence[Example], builder: PromptBuilder,
              trie: TitleTrie, cfg: EvalConfig, *, popular: set | None = None,
              seed: int = 0, desc: str = "eval") -> EvalResult:
-    """Rank titles for every example; metrics over all rows (see metrics.summarize)."""
+    """Rank titles for every example; metrics over all rows (see metrics.summarize).
+
+    The batches of ``--eval-batch-size`` users are dealt over the processes, so each user
+    is decoded in the same batch as in one process; the predictions are gathered back in
+    the original order and every process computes the same metrics."""
     if not examples:
         raise ValueError("evaluation needs at least one example")
     tokenizer = reasoner.tokenizer
     was_training = reasoner.training
     reasoner.eval()
-    ranks, predictions = [], []
     search = beam_search_for(reasoner)
-    bar = tqdm(total=len(examples), desc=desc, unit="user", dynamic_ncols=True)
+    batches = list(chunks(examples, cfg.eval_batch_size))
+    mine = distributed.deal(batches)
+    done: dict[int, list[dict[str, Any]]] = {}
+    bar = tqdm(total=len(examples), desc=desc, unit="user", dynamic_ncols=True,
+               disable=not distributed.is_main())
     with torch.no_grad():
-        for part in chunks(examples, cfg.eval_batch_size):
-            shutdown.check(f"during {desc} (an evaluation restarts on --resume)")
+        for round_ in range(distributed.rounds(len(batches))):
+            check_stop(f"during {desc} (an evaluation restarts on --resume)")
+            if round_ >= len(mine):
+                continue
+            index, part = mine[round_]
             batch = collate([builder.encode(ex) for ex in part], tokenizer.pad_token_id)
             batch = batch.to(reasoner.device)
             hyps = search(reasoner, batch.prompt_ids, batch.prompt_mask, trie,
                           num_beams=cfg.num_beams, num_return=cfg.num_beams,
                           length_penalty=cfg.length_penalty,
                           max_new_tokens=cfg.max_new_tokens)
+            done[index] = []
             for ex, row in zip(part, hyps, strict=True):
                 titles = [decode_title(tokenizer, h.token_ids) for h in row]
-                rank = rank_of_first_hit(titles, ex.target)
-                ranks.append(rank)
-                predictions.append({"user": ex.user, "history": list(ex.history),
-                                    "target": ex.target, "rank": rank, "predictions": titles,
-                                    "scores": [round(float(h.score), 6) for h in row]})
-            bar.update(len(part))
+                done[index].append({
+                    "user": ex.user, "history": list(ex.history), "target": ex.target,
+                    "rank": rank_of_first_hit(titles, ex.target), "predictions": titles,
+                    "scores": [round(float(h.score), 6) for h in row]})
+            bar.update(len(part) * distributed.world_size())
     bar.close()
     reasoner.train(was_training)
+    gathered = distributed.gather_dealt(done)
+    predictions = [row for i in range(len(batches)) for row in gathered[i]]
+    ranks = [row["rank"] for row in predictions]
     flags = None if popular is None else [item_key(ex) in popular for ex in examples]
     return EvalResult(summarize(ranks, flags, seed=seed), predictions)
 
+
+def check_stop(where: str) -> None:
+    """Stop between batches when any process received a signal (a collective: every
+    process calls it the same number of times)."""
+    signum = distributed.agreed_signal(shutdown.requested())
+    if signum is not None:
+        raise shutdown.Interrupted(signum, where)
 
 
 def most_frequent_titles(examples: Sequence[Example], n: int = 10) -> list[str]:
@@ -108,18 +128,25 @@ def target_nll(reasoner: LatentReasoner, examples: Sequence[Example], builder: P
                batch_size: int = 8) -> list[float]:
     """Per row, the mean NLL per target token (target + EOS) under the noiseless latent
     r^0: log PPL, the quantity latent GRPO's reward -PPL optimises. Far more sensitive to
-    a small change of the model than HR/NDCG."""
+    a small change of the model than HR/NDCG. Batches dealt over the processes as in
+    :func:`evaluate`; every process returns all rows."""
     decoder = Decoder(reasoner.llm)
     was_training = reasoner.training
     reasoner.eval()
-    out: list[float] = []
+    batches = list(chunks(examples, batch_size))
+    mine = distributed.deal(batches)
+    done: dict[int, list[float]] = {}
     with torch.no_grad():
-        for part in chunks(examples, batch_size):
-            shutdown.check("while scoring the evaluation targets")
+        for round_ in range(distributed.rounds(len(batches))):
+            check_stop("while scoring the evaluation targets")
+            if round_ >= len(mine):
+                continue
+            index, part = mine[round_]
             batch = collate([builder.encode(ex) for ex in part],
                             reasoner.tokenizer.pad_token_id).to(reasoner.device)
             logp = target_logprobs(reasoner, batch, decoder=decoder)
             mask = batch.target_mask.to(logp.dtype)
-            out.extend((-(logp * mask).sum(1) / mask.sum(1)).tolist())
+            done[index] = (-(logp * mask).sum(1) / mask.sum(1)).tolist()
     reasoner.train(was_training)
-    return out
+    gathered = distributed.gather_dealt(done)
+    return [v for i in range(len(batches)) for v in gathered[i]]

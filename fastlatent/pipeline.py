@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fastlatent import distributed
 from fastlatent.checkpoint import MODEL_DIR, LoadedCheckpoint, newest_loadable
 from fastlatent.config import Config
 from fastlatent.data.checks import report_data
@@ -73,7 +74,9 @@ def build_reasoner(cfg: Config, dataset: Dataset, device: torch.device) -> Laten
         reasoner = LatentReasoner.build(llm, tokenizer, ReasonerConfig(
             latent=m.latent, ratt_heads=m.ratt_heads, ratt_rope_base=m.ratt_rope_base,
             num_latents=m.num_latents))
-    return reasoner.to(device)
+    reasoner = reasoner.to(device)
+    distributed.broadcast_parameters(reasoner)  # every process starts from rank 0's weights
+    return reasoner
 
 
 def with_baseline_relation(metrics: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
@@ -110,7 +113,8 @@ class Progress:
         self._write()
 
     def _write(self) -> None:
-        write_json_atomic(self.path, {"done": self.done, "metrics": self.metrics})
+        if distributed.is_main():
+            write_json_atomic(self.path, {"done": self.done, "metrics": self.metrics})
 
 
 def saved_predictions(out: Path, stages: Iterable[str]) -> list[dict[str, Any]]:
@@ -183,7 +187,8 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
         metrics[name] = stage_metrics
         predictions.extend({"stage": name, **row, "target_nll": v}
                            for row, v in zip(result.predictions, nll, strict=True))
-        write_jsonl_atomic(out / "predictions.jsonl", predictions)
+        if distributed.is_main():
+            write_jsonl_atomic(out / "predictions.jsonl", predictions)
         progress.evaluated(name, stage_metrics)
         log.write(name, "eval", **stage_metrics)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from fastlatent import distributed
 from fastlatent.checkpoint import (
     LoadedCheckpoint,
     TrainingState,
@@ -69,41 +70,77 @@ def freeze_llm(reasoner: LatentReasoner) -> list[torch.nn.Parameter]:
 def accumulate_rl_gradients(reasoner: LatentReasoner, batch: Sequence[EncodedExample],
                             cfg: RLConfig, train_step, generator: torch.Generator
                             ) -> RLBatchResult:
-    """Backward of the latent GRPO loss of one optimiser ``batch``; its advantage pool is
-    always the whole batch, however it is split into micro-batches.
+    """Backward of the latent GRPO loss of one optimiser ``batch`` (global: the same on
+    every process); its advantage pool is always the whole batch, however it is split
+    into micro-batches and processes.
 
-    The noise for all B*K rows is drawn once. With micro-batches, a first pass without
-    gradient scores every micro-batch, the advantages are pooled over the batch, and a
-    second pass back-propagates each micro-batch with its share of those advantages,
-    weighted by its share of the prompts: the accumulated gradient equals one full-batch
-    pass (one extra no-grad scoring pass is the price of the lower peak memory).
+    The noise for all B*K rows is drawn once from ``generator`` (the same state on every
+    process), so a prompt's noise depends on the seed and its place in the batch, not on
+    the process. The micro-batches (``--rl-micro-batch``; 0 = each process's share in one
+    forward) are dealt over the processes. When each process holds at most one, its
+    forward scores its rows, the rewards of the whole batch are gathered, and the loss is
+    built from that same pass. With more micro-batches, a first pass without gradient
+    scores every micro-batch, the advantages are pooled over the batch, and a second pass
+    back-propagates each micro-batch with its share of them (one extra no-grad pass is the
+    price of the lower peak memory). Each micro-batch's loss is weighted by its share of
+    the prompts and the gradients are summed over the processes, so the result equals one
+    full-batch pass in one process.
     """
     pad = reasoner.tokenizer.pad_token_id
     d = reasoner.llm.config.hidden_size
     noise = sample_noise(len(batch), cfg.num_samples, d, generator=generator,
                          device=reasoner.device)
     kwargs = dict(k=cfg.num_samples, sigma=cfg.sigma, pool=cfg.advantage)
-    micro = cfg.rl_micro_batch or len(batch)
-    if micro >= len(batch):
-        out = train_step(reasoner, collate(batch, pad).to(reasoner.device), noise=noise,
-                         **kwargs)
+    micro = cfg.rl_micro_batch or distributed.rounds(len(batch))
+    starts = list(range(0, len(batch), micro))
+    mine = distributed.deal(starts)
+
+    def part(start: int):
+        return collate(batch[start:start + micro], pad).to(reasoner.device)
+
+    def pooled(local: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        gathered = distributed.gather_dealt({i: r.cpu() for i, r in local.items()})
+        rewards = torch.cat([gathered[i] for i in range(len(starts))])
+        return rewards, grpo_advantages(rewards, pool=cfg.advantage)
+
+    if len(starts) == 1 and not distributed.active():  # one process, one pass
+        out = train_step(reasoner, part(0), noise=noise, **kwargs)
         out.loss.backward()
         return RLBatchResult(float(out.loss.detach()), out.rewards, out.advantages)
-    starts = list(range(0, len(batch), micro))
-    parts = [collate(batch[i:i + micro], pad).to(reasoner.device) for i in starts]
-    with torch.no_grad():
-        rewards = torch.cat([
-            train_step(reasoner, part, noise=noise[i:i + micro], **kwargs).rewards
-            for i, part in zip(starts, parts, strict=True)])
-    advantages = grpo_advantages(rewards, pool=cfg.advantage)
+    pool: dict[str, torch.Tensor] = {}
     loss = 0.0
-    for i, part in zip(starts, parts, strict=True):
-        out = train_step(reasoner, part, noise=noise[i:i + micro],
-                         advantages=advantages[i:i + micro], **kwargs)
-        share = len(part) / len(batch)
-        (out.loss * share).backward()
-        loss += float(out.loss.detach()) * share
-    return RLBatchResult(loss, rewards, advantages)
+    if len(starts) <= distributed.world_size():  # at most one micro-batch per process
+        def pool_for(index: int, start: int):
+            def pool_rewards(rewards: torch.Tensor) -> torch.Tensor:
+                pool["rewards"], pool["advantages"] = pooled({index: rewards})
+                return pool["advantages"][start:start + micro]
+            return pool_rewards
+
+        for i, start in mine:
+            out = train_step(reasoner, part(start), noise=noise[start:start + micro],
+                             pool_rewards=pool_for(i, start), **kwargs)
+            share = out.rewards.shape[0] / len(batch)
+            (out.loss * share).backward()
+            loss += float(out.loss.detach()) * share
+        if not mine:  # more processes than micro-batches: join the gather with nothing
+            pool["rewards"], pool["advantages"] = pooled({})
+    else:
+        with torch.no_grad():
+            local = {i: train_step(reasoner, part(start), noise=noise[start:start + micro],
+                                   **kwargs).rewards for i, start in mine}
+        pool["rewards"], pool["advantages"] = pooled(local)
+        for _, start in mine:
+            chunk = part(start)
+            out = train_step(reasoner, chunk, noise=noise[start:start + micro],
+                             advantages=pool["advantages"][start:start + len(chunk)]
+                             .to(reasoner.device),
+                             **kwargs)
+            share = len(chunk) / len(batch)
+            (out.loss * share).backward()
+            loss += float(out.loss.detach()) * share
+    distributed.all_reduce_gradients(reasoner.ratt.parameters())
+    (loss,) = distributed.sum_floats(loss)
+    return RLBatchResult(loss, pool["rewards"], pool["advantages"])
 
 
 def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLConfig, *,
@@ -146,7 +183,7 @@ def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLC
                   path=str(resume.path))
     x = state.extra
     bar = tqdm(total=total_steps, initial=state.step, desc="RL", unit="step",
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=not distributed.is_main())
     while state.epoch < cfg.rl_epochs and state.step < total_steps:
         epoch = state.epoch
         batches = list(shuffled_batches(prompts, cfg.rl_batch_size, seed + 1000 + epoch))
@@ -175,7 +212,7 @@ def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLC
             if state.batch == len(batches):
                 state.epoch, state.batch = epoch + 1, 0
             stage_or_epoch_over = state.batch == 0 or state.step >= total_steps
-            if stage_or_epoch_over:
+            if stage_or_epoch_over and distributed.is_main():
                 reasoner.save(checkpoint)
             checkpoint_after_step(output_dir, state, reasoner, optimizer, scheduler,
                                   save_every=save_every, log=log, generator=generator,

@@ -107,7 +107,7 @@ class RunFolder:
     path: Path
     run_id: str
     earlier: dict[str, Any] | None
-    lock: Path
+    lock: Path | None  # None in the processes of a torchrun that do not write
 
     @classmethod
     def open(cls, out: Path, *, resume: bool, overwrite: bool) -> RunFolder:
@@ -125,4 +125,5 @@ class RunFolder:
         return self
 
     def __exit__(self, *exc) -> None:
-        release_lock(self.lock)
+        if self.lock is not None:
+            release_lock(self.lock)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from fastlatent import distributed
 from fastlatent.checkpoint import (
     LoadedCheckpoint,
     TrainingState,
@@ -44,33 +45,38 @@ class SFTResult:
 
 def validation_loss(reasoner: LatentReasoner, examples: Sequence[EncodedExample],
                     micro_batch: int) -> float:
-    """Token-weighted mean NLL over ``examples`` (no gradient)."""
+    """Token-weighted mean NLL over ``examples`` (no gradient); the micro-batches are
+    dealt over the processes and the sums reduced."""
     pad = reasoner.tokenizer.pad_token_id
     score = step_for(reasoner, "sft")
     total, tokens = 0.0, 0
     was_training = reasoner.training
     reasoner.eval()
     with torch.no_grad():
-        for part in chunks(examples, micro_batch):
+        for _, part in distributed.deal(list(chunks(examples, micro_batch))):
             out = score(reasoner, collate(part, pad).to(reasoner.device))
             total, tokens = total + float(out.nll_sum), tokens + out.num_tokens
     reasoner.train(was_training)
+    total, tokens = distributed.sum_floats(total, tokens)
     return total / max(1, tokens)
 
 
 def accumulate_sft_gradients(reasoner: LatentReasoner, batch: Sequence[EncodedExample],
                              micro_batch: int, train_step) -> tuple[float, int]:
-    """Backward of the token-weighted mean NLL over the whole optimiser ``batch``, in
-    micro-batches of ``micro_batch`` examples: each micro-batch's NLL sum is divided by
-    the batch's token count, so the accumulated gradient equals one full-batch pass.
-    Returns (mean NLL of the batch, its target tokens)."""
+    """Backward of the token-weighted mean NLL over the whole optimiser ``batch`` (global:
+    the same on every process), in micro-batches of ``micro_batch`` examples dealt over
+    the processes: each micro-batch's NLL sum is divided by the batch's token count, and
+    the gradients are summed over the processes, so the result equals one full-batch pass
+    in one process. Returns (mean NLL of the batch, its target tokens)."""
     pad = reasoner.tokenizer.pad_token_id
     n_tokens = sum(len(ex.target_ids) for ex in batch)
     loss_sum = 0.0
-    for part in chunks(batch, micro_batch):
+    for _, part in distributed.deal(list(chunks(batch, micro_batch))):
         out = train_step(reasoner, collate(part, pad).to(reasoner.device))
         (out.nll_sum / n_tokens).backward()
         loss_sum += float(out.nll_sum.detach())
+    distributed.all_reduce_gradients(reasoner.parameters())
+    (loss_sum,) = distributed.sum_floats(loss_sum)
     return loss_sum / n_tokens, n_tokens
 
 
@@ -125,7 +131,7 @@ def run_sft(reasoner: LatentReasoner, train: Sequence[EncodedExample],
         batches = list(shuffled_batches(train, cfg.sft_batch_size, seed + epoch))
         bar = tqdm(batches[state.batch:], initial=state.batch, total=steps_per_epoch,
                    desc=f"SFT epoch {epoch + 1}/{cfg.sft_epochs}", unit="step",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=not distributed.is_main())
         for batch in bar:
             loss, n_tokens = accumulate_sft_gradients(reasoner, batch, cfg.sft_micro_batch,
                                                       train_step)
@@ -152,7 +158,8 @@ def run_sft(reasoner: LatentReasoner, train: Sequence[EncodedExample],
                    + (" (best, saved)" if improved else ""))
         if improved:
             x.update(best=valid_loss, best_epoch=epoch, bad_epochs=0)
-            reasoner.save(checkpoint)
+            if distributed.is_main():
+                reasoner.save(checkpoint)
         else:
             x["bad_epochs"] += 1
             if x["bad_epochs"] >= cfg.patience:
@@ -160,5 +167,6 @@ def run_sft(reasoner: LatentReasoner, train: Sequence[EncodedExample],
                 x["stopped"] = True
         state.epoch, state.batch = epoch + 1, 0
         save(final=True)  # the epoch's end: validation done, best model on disk
+    distributed.barrier()  # the best model is on disk before any process reloads it
     return SFTResult(x["best"], x["best_epoch"], state.epoch, state.step, checkpoint, warmup,
                      [note] if note else [])

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fastlatent import shutdown
+from fastlatent import distributed, shutdown
 from fastlatent.checkpoint import remove_partial_checkpoints
 from fastlatent.config import (
     FROM_CHECKPOINT,
@@ -89,7 +89,8 @@ def parse_config(argv: list[str] | None) -> Config:
 
 
 # Flags a resumed run may change: where it runs, not what it computes.
-RESUME_MAY_CHANGE = frozenset({"resume", "output_dir", "device", "save_every"})
+RESUME_MAY_CHANGE = frozenset({"resume", "output_dir", "device", "save_every",
+                               "dist_timeout"})
 
 
 def resumed_config(cfg: Config, explicit: set[str]) -> Config:
@@ -185,26 +186,53 @@ def _now() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 1 an expected error (one line on stderr), 2 a configuration or
-    output-folder error before anything ran, 128+N stopped by signal N (resumable)."""
+    output-folder error before anything ran, 128+N stopped by signal N (resumable).
+
+    Under ``torchrun`` every process runs this; only rank 0 prints, shows progress and
+    writes files, and every exit path leaves the process group."""
+    launched = distributed.launched()
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if launched and not main_rank:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     try:
         cfg, explicit = parse_args(argv)
         if cfg.run.resume and cfg.run.output_dir:
             cfg = resumed_config(cfg, explicit)
         validate_config(cfg, explicit)
-        device = resolve_device(cfg.run.device)
         if cfg.run.checkpoint:
             take_model_from_checkpoint(cfg)
+        device = (distributed.init(cfg.run.device, cfg.run.dist_timeout) if launched
+                  else resolve_device(cfg.run.device))
     except (UserError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if main_rank:
+            print(f"error: {err}", file=sys.stderr)
         return 2
-    run = cfg.run
-    out = Path(run.output_dir or
-               f"runs/{run.preset}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
     try:
-        folder = RunFolder.open(out, resume=run.resume, overwrite=run.overwrite)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        return open_folder_and_run(cfg, device, argv)
+    finally:
+        distributed.close()
+
+
+def open_folder_and_run(cfg: Config, device: torch.device, argv: list[str] | None) -> int:
+    """Rank 0 takes the output folder (lock, emptiness rule) and tells the other ranks
+    where it is, its run id and the earlier run's manifest, or the error that stops all."""
+    run = cfg.run
+    out = Path(distributed.broadcast(
+        run.output_dir or f"runs/{run.preset}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"))
+    folder, error = None, None
+    if distributed.is_main():
+        try:
+            folder = RunFolder.open(out, resume=run.resume, overwrite=run.overwrite)
+        except UserError as err:
+            error = str(err)
+    shared = distributed.broadcast(
+        None if folder is None else (folder.run_id, folder.earlier))
+    if error is not None or shared is None:
+        if distributed.is_main():
+            print(f"error: {error}", file=sys.stderr)
         return 2
+    if folder is None:  # another rank: it writes nothing, so it holds no lock
+        folder = RunFolder(out, shared[0], shared[1], lock=None)
     with folder, shutdown.handle_signals():
         return run_in_folder(cfg, folder, device, argv)
 
@@ -214,15 +242,18 @@ def run_in_folder(cfg: Config, folder: RunFolder, device: torch.device,
     from fastlatent.pipeline import run_pipeline, seed_everything
 
     run, out = cfg.run, folder.path
-    for leftover in remove_partial_checkpoints(out):
-        print(f"note: removed {leftover}, left by a run that did not finish writing it")
+    main_rank = distributed.is_main()
+    if main_rank:
+        for leftover in remove_partial_checkpoints(out):
+            print(f"note: removed {leftover}, left by a run that did not finish writing it")
+    world = {"world_size": distributed.world_size(), "backend": distributed.backend()}
     segment = {"argv": sys.argv[1:] if argv is None else list(argv), "started": _now(),
                "pid": os.getpid(), "resumed": run.resume, "git_commit": git_commit(),
-               "versions": package_versions(), "device": str(device)}
+               "versions": package_versions(), "device": str(device), **world}
     manifest = folder.earlier or {
         "run_id": folder.run_id, "argv": segment["argv"], "config": cfg.to_dict(),
         "preset_values": PRESETS.get(run.preset, {}), "seed": run.seed,
-        "device": str(device), "git_commit": segment["git_commit"],
+        "device": str(device), **world, "git_commit": segment["git_commit"],
         "versions": segment["versions"], "started": segment["started"]}
     manifest.setdefault("run_id", folder.run_id)
     manifest.setdefault("segments", []).append(segment)
@@ -231,36 +262,56 @@ def run_in_folder(cfg: Config, folder: RunFolder, device: torch.device,
     def finish(status: str, **fields: Any) -> None:
         segment.update(ended=_now(), status=status, **fields)
         manifest["status"] = status
-        write_json_atomic(out / "run.json", manifest)
+        if main_rank:
+            write_json_atomic(out / "run.json", manifest)
 
-    write_json_atomic(out / "run.json", manifest)
+    def failed(message: str) -> str:
+        """This rank's failure as the run's: rank 0 reports what another rank left (its
+        own error is then usually the broken collective that followed)."""
+        distributed.report_failure(message)
+        elsewhere = distributed.failure_elsewhere() if main_rank else None
+        if elsewhere and not elsewhere.startswith("rank 0:"):
+            return elsewhere
+        return message if distributed.world_size() == 1 else \
+            f"rank {distributed.rank()}: {message}"
+
+    if main_rank:
+        write_json_atomic(out / "run.json", manifest)
     verb = "resuming" if run.resume else "fastlatent:"
     print(f"{verb} run {folder.run_id}: preset {run.preset}, stage {run.stage}, model "
           f"{cfg.model.model}, data {cfg.data.data}, device {device}, output {out}")
     if run.preset == "cpu":
         print(demo_note(cfg))
     seed_everything(run.seed)
-    log = StepLog(out / "log.jsonl", run_id=folder.run_id)
+    log = StepLog(out / "log.jsonl" if main_rank else os.devnull, run_id=folder.run_id)
     notes: list[str] = []
     try:
         metrics = run_pipeline(cfg, out, device, log, notes, resume=run.resume)
     except shutdown.Interrupted as stop:
         log.write("run", "interrupted", signal=stop.signum, message=str(stop))
         finish("interrupted", message=str(stop), notes=notes)
-        print(f"fastlatent: {stop}. Continue with: python -m fastlatent.train --resume "
-              f"--output-dir {out}", file=sys.stderr)
+        if main_rank:
+            print(f"fastlatent: {stop}. Continue with: python -m fastlatent.train --resume "
+                  f"--output-dir {out}", file=sys.stderr)
         return 128 + stop.signum
     except UserError as err:
-        log.write("run", "failed", message=str(err))
-        finish("failed", message=str(err), notes=notes)
-        print(f"error: {err}", file=sys.stderr)
+        message = failed(str(err))
+        log.write("run", "failed", message=message)
+        finish("failed", message=message, notes=notes)
+        print(f"error: {message}", file=sys.stderr)
         return 1
     except BaseException as err:
-        finish("failed", message=f"{type(err).__name__}: {err}", notes=notes)
+        own = f"{type(err).__name__}: {err}"
+        message = failed(own)
+        finish("failed", message=message, notes=notes)
+        if isinstance(err, Exception) and own not in message:  # another rank failed first
+            print(f"error: {message}", file=sys.stderr)
+            return 1
         raise
     finally:
         log.close()
-    write_json_atomic(out / "metrics.json", metrics)
+    if main_rank:
+        write_json_atomic(out / "metrics.json", metrics)
     manifest["notes"] = manifest.get("notes", []) + notes
     manifest["finished"] = _now()
     finish("complete")

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from fastlatent import distributed
 from fastlatent.data.batch import Batch
 from fastlatent.data.trie import TitleTrie
 from fastlatent.engine.beam_search import engine_beam_search
@@ -49,7 +50,9 @@ def generic_sft_step(reasoner: LatentReasoner, batch: Batch) -> SFTStepOutput:
 def generic_rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma: float,
                   pool: str = "batch", noise: torch.Tensor | None = None,
                   generator: torch.Generator | None = None, eps: float | None = None,
-                  advantages: torch.Tensor | None = None) -> RLStepOutput:
+                  advantages: torch.Tensor | None = None,
+                  pool_rewards: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  ) -> RLStepOutput:
     """Latent GRPO loss for one micro-batch (= the advantage pool), straightforwardly.
 
     r from one prefix pass (the LLM is frozen, so without gradient); then, for each
@@ -91,7 +94,8 @@ def generic_rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma: fl
     token_logprobs = torch.stack(rows)  # [B, K, T]
     rewards = ppl_rewards(token_logprobs, batch.target_mask[:, None, :])
     loss, advantages = latent_grpo_loss(token_logprobs, batch.target_mask, rewards, pool=pool,
-                                        eps=eps, advantages=advantages)
+                                        eps=eps, advantages=advantages,
+                                        pool_rewards=pool_rewards)
     return RLStepOutput(loss, rewards, advantages, token_logprobs.detach())
 
 
@@ -111,7 +115,8 @@ def step_for(reasoner: LatentReasoner, stage: str) -> Callable[..., Any]:
         raise ValueError(f"expected stage 'sft' or 'rl', got {stage!r}")
     err = _unsupported(reasoner)
     if err is not None:
-        print(f"notice: {err}; using the straightforward (slower) path", file=sys.stderr)
+        if distributed.is_main():
+            print(f"notice: {err}; using the straightforward (slower) path", file=sys.stderr)
         return generic_sft_step if stage == "sft" else generic_rl_step
     return partial(sft_step if stage == "sft" else rl_step, decoder=Decoder(reasoner.llm))
 
@@ -132,6 +137,7 @@ def beam_search_for(reasoner: LatentReasoner) -> Callable[..., list]:
     family the Decoder does not reproduce."""
     err = _unsupported(reasoner)
     if err is not None:
-        print(f"notice: {err}; evaluating with HF generate (slower)", file=sys.stderr)
+        if distributed.is_main():
+            print(f"notice: {err}; evaluating with HF generate (slower)", file=sys.stderr)
         return generic_beam_search
     return engine_beam_search

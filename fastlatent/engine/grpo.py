@@ -5,6 +5,8 @@ Pure functions on tensors, shared by the naive oracle and every fast path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 POOLS = ("batch", "group")
@@ -62,19 +64,24 @@ def grpo_advantages(rewards: torch.Tensor, *, pool: str = "batch",
 
 def latent_grpo_loss(token_logprobs: torch.Tensor, target_mask: torch.Tensor,
                      rewards: torch.Tensor, *, pool: str = "batch",
-                     eps: float | None = None, advantages: torch.Tensor | None = None
+                     eps: float | None = None, advantages: torch.Tensor | None = None,
+                     pool_rewards: Callable[[torch.Tensor], torch.Tensor] | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """loss = -(1/(B*K)) sum_b sum_k A_bk * mean_t log pi(y_t | x_b, r^k_b).
 
     token_logprobs [B, K, T] (with gradient), target_mask [B, T], rewards [B, K].
     ``advantages`` [B, K], when given, were pooled by the caller over more than these
-    rows (the optimiser batch) and are used as they are.
+    rows (the optimiser batch) and are used as they are. ``pool_rewards``, when given,
+    maps these rows' rewards to their advantages pooled over rows held elsewhere (other
+    processes' share of the batch): the loss is then built from this same pass.
     The importance ratio of Eq. 8 is 1 in value (one update per batch) and is omitted.
     Returns (loss, advantages [B, K]).
     """
     if token_logprobs.dim() != 3 or rewards.shape != token_logprobs.shape[:2]:
         raise ValueError(f"expected token_logprobs [B, K, T] and rewards [B, K], got "
                          f"{tuple(token_logprobs.shape)} and {tuple(rewards.shape)}")
+    if pool_rewards is not None:
+        advantages = pool_rewards(rewards.detach()).to(rewards.device)
     if advantages is None:
         advantages = grpo_advantages(rewards, pool=pool, eps=eps)
     return grpo_loss_given_advantages(token_logprobs, target_mask, advantages), advantages

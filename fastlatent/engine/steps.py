@@ -3,6 +3,7 @@ against the shared prefix (the full-sequence twins are in fastlatent.engine.gene
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,7 @@ def rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma: float,
             pool: str = "batch", noise: torch.Tensor | None = None,
             generator: torch.Generator | None = None, eps: float | None = None,
             advantages: torch.Tensor | None = None,
+            pool_rewards: Callable[[torch.Tensor], torch.Tensor] | None = None,
             decoder: Decoder | None = None, backend: str | None = None) -> RLStepOutput:
     """Latent GRPO loss for one micro-batch: the advantage pool, unless ``advantages``
     [B, K] pooled over a larger batch by the caller are given.
@@ -91,5 +93,6 @@ def rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma: float,
     token_logprobs = logp.view(b, k, -1)
     rewards = ppl_rewards(token_logprobs, batch.target_mask[:, None, :])
     loss, advantages = latent_grpo_loss(token_logprobs, batch.target_mask, rewards, pool=pool,
-                                        eps=eps, advantages=advantages)
+                                        eps=eps, advantages=advantages,
+                                        pool_rewards=pool_rewards)
     return RLStepOutput(loss, rewards, advantages, token_logprobs.detach())
