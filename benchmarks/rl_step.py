@@ -15,6 +15,15 @@ LLM divided by those the naive path runs (counted from the batch: the engine enc
 batch's common start once and each prompt's own tokens once; the naive RL step encodes
 every prompt once for r and again in each of its K rows, the naive SFT step twice,
 HF beam search once for r and once per beam).
+
+    python benchmarks/rl_step.py --nproc 2 --json             # data parallel: 1 vs 2 processes
+
+``--nproc N`` times whole optimiser steps instead (``accumulate_rl_gradients`` /
+``accumulate_sft_gradients`` over the global batch of --prompts, as the trainer runs them):
+once in one process with the machine's threads, once under ``torchrun --nproc-per-node N``
+(gloo on the CPU, NCCL on GPUs; one thread per process on the CPU), and reports the seconds
+per step, the speed-up, and the share of a step rank 0 spends in the collectives (gradient
+all-reduce, reward gather, loss sum; this includes waiting for a slower rank).
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
 
 
-def build(args):
+def build(args, encoded_rows: bool = False):
     import torch
 
     from fastlatent.data.batch import collate
@@ -59,6 +68,9 @@ def build(args):
     reasoner = LatentReasoner.build(llm, tok, ReasonerConfig()).to(args.device)
     builder = PromptBuilder(tok, domain=dataset.domain, template=args.template)
     rows = seeded_sample(dataset.split(args.train_split), args.prompts, seed=0)
+    if encoded_rows:  # the trainer's input: one optimiser batch of encoded examples
+        torch.manual_seed(0)
+        return reasoner, [builder.encode(ex) for ex in rows]
     batch = collate([builder.encode(ex) for ex in rows], tok.pad_token_id).to(args.device)
     users = seeded_sample(dataset.split(args.eval_split), args.eval_users, seed=0)
     eval_batch = collate([builder.encode(ex) for ex in users], tok.pad_token_id).to(args.device)
@@ -123,6 +135,128 @@ def path_function(name: str, reasoner, batch, eval_batch, trie, args):
                                    trie, num_beams=10, num_return=10, length_penalty=1.0,
                                    max_new_tokens=128)
     return run
+
+
+DP_PATHS = ("dp-rl", "dp-sft")
+
+
+def data_parallel_function(name: str, reasoner, batch_rows, args):
+    """A whole optimiser step's gradient as the trainer computes it, with the time spent
+    in the collectives recorded in ``comm`` (seconds, appended per call)."""
+    import torch
+
+    from fastlatent import distributed, rl, sft
+    from fastlatent.config import RLConfig
+    from fastlatent.engine.generic import step_for
+
+    comm: list[float] = []
+    for fn in ("all_reduce_gradients", "gather_dealt", "sum_floats"):
+        real = getattr(distributed, fn)
+
+        def timed(*a, _real=real, **kw):
+            start = time.perf_counter()
+            try:
+                return _real(*a, **kw)
+            finally:
+                comm.append(time.perf_counter() - start)
+        setattr(distributed, fn, timed)
+    share = -(-len(batch_rows) // distributed.world_size())
+    if name == "dp-rl":
+        rl.freeze_llm(reasoner)
+        cfg = RLConfig(rl_batch_size=len(batch_rows), num_samples=args.k, sigma=1.5)
+        step = step_for(reasoner, "rl")
+
+        def run():
+            rl.accumulate_rl_gradients(reasoner, batch_rows, cfg, step,
+                                       torch.Generator().manual_seed(0))
+            reasoner.ratt.zero_grad(set_to_none=True)
+    else:
+        reasoner.train()
+        step = step_for(reasoner, "sft")
+
+        def run():
+            sft.accumulate_sft_gradients(reasoner, batch_rows, share, step)
+            reasoner.zero_grad(set_to_none=True)
+    return run, comm
+
+
+def data_parallel_worker(args) -> dict:
+    from fastlatent import distributed
+
+    if distributed.launched():
+        distributed.init(args.device, timeout_minutes=30)
+    try:
+        reasoner, batch_rows = build(args, encoded_rows=True)
+        distributed.broadcast_parameters(reasoner)
+        run, comm = data_parallel_function(args.worker, reasoner, batch_rows, args)
+        for _ in range(args.warmup):
+            run()
+        times, comm_shares = [], []
+        for _ in range(args.repeats):
+            distributed.barrier()
+            comm.clear()
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+            comm_shares.append(sum(comm) / times[-1])
+        return {"path": args.worker, "nproc": distributed.world_size(),
+                "threads": __import__("torch").get_num_threads(),
+                "seconds": statistics.median(times), "times": times,
+                "comm_share": statistics.median(comm_shares)}
+    finally:
+        distributed.close()
+
+
+def run_worker(cmd: list[str], env: dict[str, str]) -> dict:
+    """One path's subprocess: its JSON line, or ``{"error": [last stderr line]}``."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return {"error": proc.stderr.strip().splitlines()[-1:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_data_parallel(args, argv) -> dict:
+    """Each dp path with one process and with ``args.nproc``; the ratios."""
+    given = list(argv if argv is not None else sys.argv[1:])
+    base = []  # the worker's flags; --nproc would be an ambiguous prefix to torchrun
+    while given:
+        arg = given.pop(0)
+        if arg == "--nproc":
+            given.pop(0)
+        elif arg != "--json" and not arg.startswith("--nproc="):
+            base.append(arg)
+    results = {}
+    for name in DP_PATHS:
+        for n in (1, args.nproc):
+            worker = [__file__, "--worker", name, *base, "--device", args.device]
+            env = os.environ.copy()
+            if n == 1:
+                cmd = [sys.executable, *worker]
+            else:
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       "--nproc-per-node", str(n), *worker]
+                if not args.device.startswith("cuda"):
+                    env["OMP_NUM_THREADS"] = "1"
+            print(f"running {name} with {n} process(es) ...", file=sys.stderr, flush=True)
+            key = f"{name}-{n}"
+            results[key] = run_worker(cmd, env)
+            if "error" not in results[key]:
+                print(f"  {key}: {results[key]['seconds']:.3f} s per step, collectives "
+                      f"{results[key]['comm_share']:.1%}", file=sys.stderr)
+
+    def speedup(name):
+        one, many = results.get(f"{name}-1", {}), results.get(f"{name}-{args.nproc}", {})
+        if "seconds" not in one or "seconds" not in many:
+            return None
+        return round(one["seconds"] / many["seconds"], 3)
+
+    return {"nproc": args.nproc, "rl_speedup_vs_1_process": speedup("dp-rl"),
+            "sft_speedup_vs_1_process": speedup("dp-sft"),
+            "rl_comm_share": results.get(f"dp-rl-{args.nproc}", {}).get("comm_share"),
+            "sft_comm_share": results.get(f"dp-sft-{args.nproc}", {}).get("comm_share"),
+            "device": args.device, "model": args.model, "dtype": args.dtype,
+            "batch": args.prompts, "k": args.k, "repeats": args.repeats, "paths": results}
 
 
 def prompt_token_counts(batch, eval_batch, k: int, num_beams: int) -> dict:
@@ -195,6 +329,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="> 1: time whole optimiser steps with 1 and with N processes "
+                             "(torchrun; gloo on the CPU) instead of engine vs naive")
     parser.add_argument("--json", action="store_true", help="print the JSON summary last")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -202,8 +339,17 @@ def main(argv=None) -> int:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.worker in DP_PATHS:
+        result = data_parallel_worker(args)
+        if os.environ.get("RANK", "0") == "0":
+            print(json.dumps(result))
+        return 0
     if args.worker:
         print(json.dumps(worker(args)))
+        return 0
+    if args.nproc > 1:
+        summary = run_data_parallel(args, argv)
+        print(json.dumps(summary) if args.json else json.dumps(summary, indent=2))
         return 0
     results = {}
     for name in args.paths.split(","):
@@ -212,14 +358,10 @@ def main(argv=None) -> int:
         if "--device" not in cmd:
             cmd += ["--device", args.device]
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            results[name] = {"error": proc.stderr.strip().splitlines()[-1:]}
-            continue
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"  {name}: {results[name]['seconds']:.3f} s, peak "
-              f"{results[name]['peak_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
+        results[name] = run_worker(cmd, os.environ.copy())
+        if "error" not in results[name]:
+            print(f"  {name}: {results[name]['seconds']:.3f} s, peak "
+                  f"{results[name]['peak_bytes'] / 2**20:.0f} MiB", file=sys.stderr)
 
     def ratio(stage, key, invert=False):
         a, b = results.get(f"{stage}-naive", {}), results.get(f"{stage}-engine", {})
