@@ -223,7 +223,7 @@ def open_folder_and_run(cfg: Config, device: torch.device, argv: list[str] | Non
     if distributed.is_main():
         try:
             folder = RunFolder.open(out, resume=run.resume, overwrite=run.overwrite)
-        except UserError as err:
+        except (UserError, OSError) as err:  # told to every rank, so none waits for it
             error = str(err)
     shared = distributed.broadcast(
         None if folder is None else (folder.run_id, folder.earlier))

@@ -183,6 +183,14 @@ def test_torchrun_evaluation_of_a_checkpoint_is_identical(smoke_runs, tmp_path):
         assert (outs[2] / name).read_text() == (outs[1] / name).read_text(), name
 
 
+@pytest.mark.slow
+def test_a_used_folder_stops_every_rank_with_one_message(smoke_runs):
+    """Rank 0 checks the folder and tells the others: one message, no rank left waiting."""
+    done = train(smoke_runs[2], nproc=2)
+    assert done.returncode != 0
+    assert done.stderr.count("already holds an earlier run") == 1, done.stderr[-3000:]
+
+
 FAIL_AT_RL_STEP = textwrap.dedent("""
     import os, sys
     import fastlatent.rl as rl
