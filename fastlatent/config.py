@@ -10,6 +10,7 @@ import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastlatent.errors import UserError
@@ -129,6 +130,9 @@ class RunConfig:
                          "earlier run's outputs there")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N (under torchrun: auto or cuda, "
                      "each process takes the GPU of its LOCAL_RANK)")
+    config: str = _f("", "a YAML or JSON file of settings named like the flags (flat, or "
+                     "grouped by section as in OUTPUT_DIR/config.yaml); precedence: defaults "
+                     "< preset < this file < explicit flags")
     dist_timeout: float = _f(30.0, "under torchrun: minutes a process waits for the others "
                              "at a collective before the run stops with an error")
 
@@ -194,6 +198,96 @@ def build_config(preset: str, overrides: dict[str, Any]) -> Config:
 
 class ConfigError(UserError, ValueError):
     """A configuration a run cannot use; the message names the flag and the fix."""
+
+
+# Settings that say what this process does with its folder, not what the run computes:
+# never read from nor written to a config file.
+NOT_IN_CONFIG_FILES = ("config", "resume", "overwrite", "output_dir")
+
+
+def _field_types() -> dict[str, dataclasses.Field]:
+    return {f.name: f for section in dataclasses.fields(Config)
+            for f in dataclasses.fields(section.default_factory())}  # type: ignore[misc]
+
+
+def _coerce(name: str, value: Any, field_: dataclasses.Field, where: str) -> Any:
+    default = field_.default
+    kind = type(default)
+    ok = (isinstance(value, bool) if kind is bool else
+          isinstance(value, int) and not isinstance(value, bool) if kind is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
+          else isinstance(value, str))
+    if not ok:
+        raise ConfigError(f"{where}: {name}: expected a {kind.__name__} (like {default!r}), "
+                          f"got {value!r}")
+    value = kind(value)
+    choices = field_.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{where}: {name}: {value!r} is not one of {list(choices)}")
+    return value
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """The settings in a YAML/JSON config file: ``{flag_name: value}``. Keys are the flag
+    names with underscores (``sft_lr``) or dashes (``sft-lr``), at the top level or under
+    their section (``sft: {sft_lr: ...}``); an unknown key, a wrong type or a value outside
+    a flag's choices is a :class:`ConfigError` naming the file and the key."""
+    import difflib
+    import json
+
+    import yaml
+
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"--config {path}: cannot be read ({err.strerror or err})") from None
+    try:
+        raw = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as err:
+        kind = "JSON" if file.suffix == ".json" else "YAML"
+        raise ConfigError(f"--config {path}: not valid {kind} ({str(err).splitlines()[0]})"
+                          ) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of settings, got "
+                          f"{type(raw).__name__}")
+    sections = {f.name for f in dataclasses.fields(Config)}
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in sections and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    fields = _field_types()
+    values: dict[str, Any] = {}
+    for key, value in flat.items():
+        name = str(key).replace("-", "_")
+        if name in NOT_IN_CONFIG_FILES:
+            raise ConfigError(f"--config {path}: {key} is not a run setting; give "
+                              f"--{name.replace('_', '-')} on the command line")
+        if name not in fields:
+            close = difflib.get_close_matches(name, list(fields), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"--config {path}: unknown setting {key!r}{hint}")
+        values[name] = _coerce(name, value, fields[name], f"--config {path}")
+    return values
+
+
+def config_file_text(cfg: Config) -> str:
+    """``cfg`` as the YAML that ``--config`` reads back, grouped by section; without the
+    folder actions (``--output-dir``, ``--resume``, ...) and, for a run from
+    ``--checkpoint``, without the model settings the checkpoint fixes."""
+    import yaml
+
+    skip = set(NOT_IN_CONFIG_FILES) | (set(FROM_CHECKPOINT) if cfg.run.checkpoint else set())
+    tree = {section: {k: v for k, v in values.items() if k not in skip}
+            for section, values in cfg.to_dict().items()}
+    head = ("# The resolved configuration of this run (defaults < preset < config file < "
+            "flags).\n# Repeat it: python -m fastlatent.train --config config.yaml "
+            "--output-dir NEW_DIR\n")
+    return head + yaml.safe_dump(tree, sort_keys=False, allow_unicode=True)
 
 
 _POSITIVE_INTS = ("sft_batch_size", "sft_micro_batch", "sft_epochs", "sft_warmup_steps",

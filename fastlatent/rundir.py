@@ -18,8 +18,8 @@ from fastlatent.errors import RunFolderError
 LOCK_FILE = ".fastlatent.lock"
 MANIFEST = "run.json"
 # What a run writes into its folder; --overwrite deletes these and nothing else.
-ARTEFACTS = (MANIFEST, "log.jsonl", "metrics.json", "predictions.jsonl", "progress.json",
-             "sft", "rl", "checkpoints")
+ARTEFACTS = (MANIFEST, "config.yaml", "log.jsonl", "metrics.json", "predictions.jsonl",
+             "progress.json", "sft", "rl", "checkpoints", "plots")
 
 
 def _alive(pid: int) -> bool:

@@ -27,16 +27,19 @@ from fastlatent.config import (
     Config,
     ConfigError,
     build_config,
+    config_file_text,
     field_owner,
+    load_config_file,
     validate_config,
 )
 from fastlatent.errors import UserError
 from fastlatent.metrics import BASELINE
 from fastlatent.model.reasoner import read_checkpoint_config
 from fastlatent.rundir import RunFolder, read_manifest
-from fastlatent.runlog import StepLog, write_json_atomic
+from fastlatent.runlog import StepLog, write_json_atomic, write_text_atomic
 
 METRIC_KEYS = ("hr@5", "hr@10", "ndcg@5", "ndcg@10")
+CONFIG_FILE = "config.yaml"
 
 
 
@@ -78,8 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None) -> tuple[Config, set[str]]:
-    """The configuration and the names of the fields given as flags."""
-    overrides = vars(build_parser().parse_args(argv))
+    """The configuration and the names of the fields set explicitly (flags, or the
+    ``--config`` file: defaults < preset < file < flags)."""
+    flags = vars(build_parser().parse_args(argv))
+    from_file = load_config_file(flags["config"]) if flags.get("config") else {}
+    overrides = {**from_file, **flags}
     preset = overrides.pop("preset", "") or ("paper" if torch.cuda.is_available() else "cpu")
     return build_config(preset, overrides), set(overrides)
 
@@ -277,6 +283,8 @@ def run_in_folder(cfg: Config, folder: RunFolder, device: torch.device,
 
     if main_rank:
         write_json_atomic(out / "run.json", manifest)
+        if not run.resume:
+            write_text_atomic(out / CONFIG_FILE, config_file_text(cfg))
     verb = "resuming" if run.resume else "fastlatent:"
     print(f"{verb} run {folder.run_id}: preset {run.preset}, stage {run.stage}, model "
           f"{cfg.model.model}, data {cfg.data.data}, device {device}, output {out}")
