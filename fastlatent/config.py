@@ -133,6 +133,9 @@ class RunConfig:
     config: str = _f("", "a YAML or JSON file of settings named like the flags (flat, or "
                      "grouped by section as in OUTPUT_DIR/config.yaml); precedence: defaults "
                      "< preset < this file < explicit flags")
+    report_to: str = _f("auto", "tracker beside log.jsonl: auto (tensorboard if installed) | "
+                        "none | tensorboard | wandb | trackio",
+                        choices=("auto", "none", "tensorboard", "wandb", "trackio"))
     dist_timeout: float = _f(30.0, "under torchrun: minutes a process waits for the others "
                              "at a collective before the run stops with an error")
 

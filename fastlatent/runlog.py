@@ -50,9 +50,10 @@ class StepLog:
     """Appends one JSON object per line (flushed each time, so a crash loses nothing).
     Every record carries the run id; non-finite numbers are written as null."""
 
-    def __init__(self, path: str | os.PathLike, run_id: str | None = None):
+    def __init__(self, path: str | os.PathLike, run_id: str | None = None, tracker=None):
         self.path = Path(path)
         self.run_id = run_id
+        self.tracker = tracker  # a fastlatent.tracking.Tracker: gets every record too
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
 
@@ -61,6 +62,10 @@ class StepLog:
                   "event": event, **values}
         self._file.write(json.dumps(json_safe(record), default=str, allow_nan=False) + "\n")
         self._file.flush()
+        if self.tracker is not None:
+            self.tracker.record(stage, event, values)
 
     def close(self) -> None:
         self._file.close()
+        if self.tracker is not None:
+            self.tracker.close()

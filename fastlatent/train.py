@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fastlatent import distributed, shutdown
+from fastlatent import distributed, shutdown, tracking
 from fastlatent.checkpoint import remove_partial_checkpoints
 from fastlatent.config import (
     FROM_CHECKPOINT,
@@ -96,7 +96,7 @@ def parse_config(argv: list[str] | None) -> Config:
 
 # Flags a resumed run may change: where it runs, not what it computes.
 RESUME_MAY_CHANGE = frozenset({"resume", "output_dir", "device", "save_every",
-                               "dist_timeout"})
+                               "dist_timeout", "report_to"})
 
 
 def resumed_config(cfg: Config, explicit: set[str]) -> Config:
@@ -186,6 +186,20 @@ def take_model_from_checkpoint(cfg: Config) -> None:
             setattr(cfg.model, name, meta[name])
 
 
+def draw_plots(out: Path) -> None:
+    """OUTPUT_DIR/plots/ from log.jsonl and metrics.json; a missing matplotlib or a
+    failed plot is a note, never the run's failure."""
+    try:
+        from fastlatent.plots import plot_run
+
+        plot_run(out)
+    except ImportError:
+        print("note: no plots (matplotlib is not installed: pip install -e '.[plots]')")
+    except Exception as err:  # a plot must not turn a finished run into a failed one
+        print(f"note: plots not drawn ({type(err).__name__}: {err}); retry with "
+              f"python -m fastlatent.plots {out}")
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat()
 
@@ -205,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.run.resume and cfg.run.output_dir:
             cfg = resumed_config(cfg, explicit)
         validate_config(cfg, explicit)
+        tracking.resolve(cfg.run.report_to)  # a named tracker that is not installed: now
         if cfg.run.checkpoint:
             take_model_from_checkpoint(cfg)
         device = (distributed.init(cfg.run.device, cfg.run.dist_timeout) if launched
@@ -291,7 +306,10 @@ def run_in_folder(cfg: Config, folder: RunFolder, device: torch.device,
     if run.preset == "cpu":
         print(demo_note(cfg))
     seed_everything(run.seed)
-    log = StepLog(out / "log.jsonl" if main_rank else os.devnull, run_id=folder.run_id)
+    tracker = (tracking.open_tracker(tracking.resolve(run.report_to), out, folder.run_id,
+                                     cfg.to_dict()) if main_rank else None)
+    log = StepLog(out / "log.jsonl" if main_rank else os.devnull, run_id=folder.run_id,
+                  tracker=tracker)
     notes: list[str] = []
     try:
         metrics = run_pipeline(cfg, out, device, log, notes, resume=run.resume)
@@ -318,8 +336,11 @@ def run_in_folder(cfg: Config, folder: RunFolder, device: torch.device,
         raise
     finally:
         log.close()
+        if main_rank:
+            draw_plots(out)
     if main_rank:
         write_json_atomic(out / "metrics.json", metrics)
+        draw_plots(out)  # again, with the metrics
     manifest["notes"] = manifest.get("notes", []) + notes
     manifest["finished"] = _now()
     finish("complete")

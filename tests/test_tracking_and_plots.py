@@ -1,0 +1,130 @@
+"""Trackers beside log.jsonl (--report-to) and the plots every run leaves in plots/."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from fastlatent import tracking
+from fastlatent.config import ConfigError
+from fastlatent.plots import plot_run, read_records, series
+from fastlatent.runlog import StepLog
+from fastlatent.train import draw_plots, main
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tracked") / "run"
+    assert main(["--preset", "smoke", "--output-dir", str(out), "--report-to",
+                 "tensorboard"]) == 0
+    return out
+
+
+def tensorboard_scalars(out):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_holds_the_numbers_of_the_log(smoke_run):
+    scalars = tensorboard_scalars(smoke_run)
+    records = read_records(smoke_run)
+    for stage, field in (("sft", "loss"), ("sft", "grad_norm"), ("rl", "reward_r0"),
+                         ("rl", "reward_all"), ("rl", "loss")):
+        steps, values = series(records, stage, "step", field)
+        assert len(steps) > 0
+        got = scalars[f"{stage}/{field}"]
+        assert [s for s, _ in got] == steps
+        for (_, v), want in zip(got, values, strict=True):
+            assert v == pytest.approx(want, rel=1e-6)  # TensorBoard stores float32
+    epochs, valid = series(records, "sft", "epoch", "valid_loss")
+    assert [v for _, v in scalars["sft/epoch/valid_loss"]] == pytest.approx(valid, rel=1e-6)
+    metrics = json.loads((smoke_run / "metrics.json").read_text())
+    assert scalars["rl/hr@10"][0][1] == pytest.approx(metrics["rl"]["hr@10"], rel=1e-6)
+
+
+def test_every_run_leaves_its_plots(smoke_run):
+    names = sorted(p.name for p in (smoke_run / "plots").iterdir())
+    assert names == ["grad_norm.png", "metrics.png", "rl_reward.png", "sft_loss.png"]
+    for name in names:
+        assert (smoke_run / "plots" / name).read_bytes()[:8] == PNG
+
+
+def test_plots_redraw_from_the_files_alone(smoke_run, tmp_path):
+    """Only log.jsonl and metrics.json are read: a folder holding just those two gets
+    the same set of plots."""
+    for name in ("log.jsonl", "metrics.json"):
+        (tmp_path / name).write_bytes((smoke_run / name).read_bytes())
+    written = plot_run(tmp_path)
+    assert sorted(p.name for p in written) == sorted(
+        p.name for p in (smoke_run / "plots").iterdir())
+
+
+def test_a_resumed_run_plots_each_step_once(tmp_path):
+    log = StepLog(tmp_path / "log.jsonl")
+    for step, loss in ((1, 3.0), (2, 2.5), (3, 2.0), (2, 2.4), (3, 2.1)):  # resumed at 1
+        log.write("sft", "step", step=step, epoch=0, loss=loss)
+    log.close()
+    assert series(read_records(tmp_path), "sft", "step", "loss") == ([1, 2, 3],
+                                                                     [3.0, 2.4, 2.1])
+
+
+def test_no_matplotlib_is_a_note_not_a_failure(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    draw_plots(tmp_path)
+    assert "pip install -e '.[plots]'" in capsys.readouterr().out
+
+
+class StandIn:
+    """Records what a wandb run / the trackio module is asked to do."""
+
+    def __init__(self):
+        self.logged, self.finished = [], False
+
+    def log(self, values, step=None):
+        self.logged.append((step, values))
+
+    def finish(self):
+        self.finished = True
+
+
+@pytest.mark.parametrize("kind", ["wandb", "trackio"])
+def test_wandb_and_trackio_get_the_same_scalars(kind):
+    handle = StandIn()
+    tracker = tracking.Tracker(kind, handle)
+    tracker.record("rl", "step", {"step": 4, "epoch": 0, "loss": -0.2, "reward_r0": -4.1,
+                                  "skipped": False, "grad_norm": math.nan, "prompts": 8})
+    tracker.record("sft", "epoch", {"epoch": 1, "valid_loss": 1.5, "improved": True})
+    tracker.record("rl", "checkpoint", {"step": 4, "path": "x"})  # nothing numeric
+    tracker.close()
+    assert handle.logged == [
+        (4, {"rl/loss": -0.2, "rl/reward_r0": -4.1, "rl/prompts": 8.0}),
+        (1, {"sft/epoch/valid_loss": 1.5})]
+    assert handle.finished
+
+
+def test_report_to(monkeypatch):
+    assert tracking.resolve("none") == "none"
+    monkeypatch.setattr(tracking, "installed", lambda kind: kind == "tensorboard")
+    assert tracking.resolve("auto") == "tensorboard"
+    with pytest.raises(ConfigError, match="pip install wandb"):
+        tracking.resolve("wandb")
+    monkeypatch.setattr(tracking, "installed", lambda kind: False)
+    assert tracking.resolve("auto") == "none"
+
+
+def test_a_tracker_that_is_not_installed_stops_before_anything_loads(tmp_path, capsys,
+                                                                     monkeypatch):
+    monkeypatch.setattr(tracking, "installed", lambda kind: False)
+    out = tmp_path / "run"
+    assert main(["--preset", "smoke", "--report-to", "trackio", "--output-dir", str(out)]) == 2
+    assert "pip install trackio" in capsys.readouterr().err
+    assert not out.exists()
