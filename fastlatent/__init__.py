@@ -1,15 +1,16 @@
 """fastlatent: an engine for LatentR3, latent-reasoning RL for LLM recommenders.
 
 Public API (imported on first use, so ``import fastlatent`` stays light):
-``ppl_reward`` (perplexity reward of many latents per prompt from one prompt encoding)
-and ``latent_grpo_loss`` (pooled-advantage latent GRPO loss).
+``ppl_reward`` (perplexity reward of many latents per prompt from one prompt encoding),
+``latent_grpo_loss`` (pooled-advantage latent GRPO loss) and ``recommend(reasoner,
+histories, top=10)`` (the next titles for users, from a trained model).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["latent_grpo_loss", "ppl_reward"]
+__all__ = ["latent_grpo_loss", "ppl_reward", "recommend"]
 
 
 def __getattr__(name: str) -> Any:
@@ -21,4 +22,8 @@ def __getattr__(name: str) -> Any:
         from fastlatent.engine.grpo import latent_grpo_loss
 
         return latent_grpo_loss
+    if name == "recommend":  # the module, callable as fastlatent.recommend.recommend
+        import fastlatent.recommend as module
+
+        return module
     raise AttributeError(f"module 'fastlatent' has no attribute {name!r}")

@@ -39,6 +39,13 @@ def build_title_trie(builder: PromptBuilder, catalogue: Catalogue) -> TitleTrie:
         (builder.encode_target(t) for t in catalogue.distinct_titles), eos_token_id=eos)
 
 
+def catalogue_record(builder: PromptBuilder, catalogue: Catalogue) -> dict[str, Any]:
+    """What a saved model needs to recommend on its own (LatentReasoner.catalogue): the
+    titles it may name and the prompt wording it was trained with."""
+    return {"titles": list(catalogue.distinct_titles), "template": builder.template,
+            "domain": builder.domain, "release_domain": builder.release_domain}
+
+
 def decode_title(tokenizer, token_ids: Sequence[int]) -> str:
     ids = list(token_ids)
     if ids and ids[-1] == tokenizer.eos_token_id:

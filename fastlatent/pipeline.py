@@ -23,7 +23,13 @@ from fastlatent.data.sampling import seeded_sample
 from fastlatent.data.sources import holdout_slice, item_frequencies, load_dataset
 from fastlatent.engine.decoder import UnsupportedModelError
 from fastlatent.errors import ModelLoadError
-from fastlatent.evaluate import build_title_trie, evaluate, popularity_baseline, target_nll
+from fastlatent.evaluate import (
+    build_title_trie,
+    catalogue_record,
+    evaluate,
+    popularity_baseline,
+    target_nll,
+)
 from fastlatent.metrics import BASELINE, interval_relation, popular_items
 from fastlatent.model.loading import load_llm
 from fastlatent.model.reasoner import LatentReasoner, ReasonerConfig
@@ -160,6 +166,7 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
                             domain=dataset.domain, release_domain=cfg.data.release_domain,
                             use_thought=reasoner.uses_latent)
     trie = build_title_trie(builder, dataset.catalogue)
+    reasoner.catalogue = catalogue_record(builder, dataset.catalogue)
     popular = popular_items(item_frequencies(splits.train))
     log.write("data", "splits", train=len(splits.train), valid=len(splits.valid),
               eval=len(splits.eval), catalogue=len(dataset.catalogue), titles=len(trie))

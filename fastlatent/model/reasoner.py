@@ -25,6 +25,7 @@ from fastlatent.ops.positions import last_real_index, positions_from_mask
 LATENT_MODES = ("ratt", "last-hidden", "none")
 FORMAT_VERSION = 1
 CONFIG_FILE, RATT_FILE, LLM_DIR = "fastlatent.json", "latent_ratt.safetensors", "llm"
+CATALOGUE_FILE = "catalogue.json"
 
 
 @dataclass
@@ -52,6 +53,10 @@ class LatentReasoner(nn.Module):
         if config.latent == "ratt" and ratt is None:
             raise ValueError("latent='ratt' needs a LatentRATT module")
         self.ratt = ratt.float() if ratt is not None else None
+        # What recommending from a saved model needs besides weights: the catalogue's
+        # titles and the prompt's wording ({"titles", "template", "domain",
+        # "release_domain"}); saved beside the weights as catalogue.json when set.
+        self.catalogue: dict | None = None
 
     @classmethod
     def build(cls, llm: nn.Module, tokenizer, config: ReasonerConfig) -> LatentReasoner:
@@ -199,6 +204,9 @@ class LatentReasoner(nn.Module):
         meta = {"format_version": FORMAT_VERSION, "hidden_size": self.llm.config.hidden_size,
                 **asdict(self.config)}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if self.catalogue is not None:
+            (tmp / CATALOGUE_FILE).write_text(
+                json.dumps(self.catalogue, ensure_ascii=False) + "\n", encoding="utf-8")
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         if target.exists():
             os.replace(target, old)
@@ -242,7 +250,13 @@ class LatentReasoner(nn.Module):
         if config.latent == "ratt":
             ratt = LatentRATT(hidden_size, config.ratt_heads, config.ratt_rope_base)
             load_ratt_state(ratt, src)
-        return cls(llm, tokenizer, config, ratt)
+        reasoner = cls(llm, tokenizer, config, ratt)
+        if (src / CATALOGUE_FILE).is_file():
+            try:
+                reasoner.catalogue = json.loads((src / CATALOGUE_FILE).read_text("utf-8"))
+            except ValueError as err:
+                raise CheckpointError(f"{src / CATALOGUE_FILE}: unreadable ({err})") from None
+        return reasoner
 
 
 def read_checkpoint_config(directory: str | os.PathLike) -> dict:
