@@ -7,6 +7,7 @@ argparse group per dataclass. Precedence: dataclass defaults < preset < explicit
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -58,6 +59,9 @@ class ModelConfig:
                           "again with its query at the newest latent, without noise")
     dtype: str = _f("float32", "LLM weight dtype (LatentRATT always keeps fp32 master weights)",
                     choices=("float32", "bfloat16", "float16"))
+    base_quant: str = _f("none", "the frozen LLM of RL and evaluation in 8-bit or NF4 "
+                         "(bitsandbytes; SFT trains in --dtype): none | int8 | nf4",
+                         choices=("none", "int8", "nf4"))
 
 
 @dataclass
@@ -70,6 +74,9 @@ class SFTConfig:
     sft_epochs: int = _f(3, "SFT epochs")
     sft_warmup_steps: int = _f(20, "SFT linear warm-up steps, then linear decay to 0")
     sft_weight_decay: float = _f(0.0, "AdamW weight decay in SFT")
+    optim: str = _f("adamw", "SFT optimiser: adamw (torch) | adamw8bit (bitsandbytes' 8-bit "
+                    "AdamW: its two moments in 8 bits, 1/4 of the memory)",
+                    choices=("adamw", "adamw8bit"))
     patience: int = _f(1, "early stopping: epochs without validation-loss improvement")
 
 
@@ -341,6 +348,10 @@ def validate_config(cfg: Config, explicit: Iterable[str] = ()) -> None:
     if (values["resume"] or values["overwrite"]) and not values["output_dir"]:
         fail("resume" if values["resume"] else "overwrite",
              "needs --output-dir (the run folder to continue or replace)")
+    if (values["base_quant"] != "none" or values["optim"] == "adamw8bit") and \
+            importlib.util.find_spec("bitsandbytes") is None:
+        fail("base_quant" if values["base_quant"] != "none" else "optim",
+             "needs bitsandbytes (pip install bitsandbytes)")
     if values["advantage"] == "group" and values["num_samples"] < 2:
         fail("num_samples", "the group advantage needs K >= 2 rows per prompt (its std is "
              "over the K rows); use --num-samples 8 or --advantage batch")

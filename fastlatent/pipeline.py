@@ -32,6 +32,7 @@ from fastlatent.evaluate import (
 )
 from fastlatent.metrics import BASELINE, interval_relation, popular_items
 from fastlatent.model.loading import load_llm
+from fastlatent.model.quantize import quantization_of, quantize_llm
 from fastlatent.model.reasoner import LatentReasoner, ReasonerConfig
 from fastlatent.rl import run_rl
 from fastlatent.runlog import StepLog, write_json_atomic, write_jsonl_atomic
@@ -167,6 +168,8 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
                             use_thought=reasoner.uses_latent)
     trie = build_title_trie(builder, dataset.catalogue)
     reasoner.catalogue = catalogue_record(builder, dataset.catalogue)
+    if stage in ("rl", "eval"):
+        quantize_base(reasoner, cfg, out, log, source=cfg.run.checkpoint or None)
     popular = popular_items(item_frequencies(splits.train))
     log.write("data", "splits", train=len(splits.train), valid=len(splits.valid),
               eval=len(splits.eval), catalogue=len(dataset.catalogue), titles=len(trie))
@@ -212,6 +215,7 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
                 tqdm.write(f"SFT: reloading the best checkpoint (epoch {result.best_epoch + 1})")
                 reasoner = LatentReasoner.load(result.checkpoint, dtype=dtype).to(device)
             progress.finished("sft:trained")
+        quantize_base(reasoner, cfg, out, log, source=out / "sft")
         run_eval("sft")
     if stage == "all" and reasoner.ratt is None:
         note = (f"RL skipped: latent={reasoner.config.latent!r} has no LatentRATT to train "
@@ -235,6 +239,26 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
     if stage == "eval":
         run_eval("eval")
     return metrics
+
+
+def quantize_base(reasoner: LatentReasoner, cfg: Config, out: Path, log: StepLog, *,
+                  source: str | Path | None) -> None:
+    """``--base-quant``: the frozen LLM in 8-bit or NF4 for RL and evaluation (after SFT,
+    which trains in full precision). ``source``: a saved model holding the full-precision
+    LLM (what saving the quantised model writes); for a base model without one, it is
+    saved to OUTPUT_DIR/base first."""
+    mode = cfg.model.base_quant
+    if mode == "none" or quantization_of(reasoner.llm) is not None:
+        return
+    if source is None:
+        source = out / "base"
+        if distributed.is_main():
+            reasoner.save(source)
+        distributed.barrier()
+    count = quantize_llm(reasoner.llm, mode, source=source)
+    log.write("model", "quantized", mode=mode, layers=count, source=str(source))
+    tqdm.write(f"--base-quant {mode}: {count} linear layers of the frozen LLM quantised "
+               "(bitsandbytes) for RL and evaluation")
 
 
 def seed_everything(seed: int) -> None:

@@ -19,7 +19,7 @@ LOCK_FILE = ".fastlatent.lock"
 MANIFEST = "run.json"
 # What a run writes into its folder; --overwrite deletes these and nothing else.
 ARTEFACTS = (MANIFEST, "config.yaml", "log.jsonl", "metrics.json", "predictions.jsonl",
-             "progress.json", "sft", "rl", "checkpoints", "plots", "tensorboard")
+             "progress.json", "sft", "rl", "base", "checkpoints", "plots", "tensorboard")
 
 
 def _alive(pid: int) -> bool:

@@ -80,6 +80,15 @@ def accumulate_sft_gradients(reasoner: LatentReasoner, batch: Sequence[EncodedEx
     return loss_sum / n_tokens, n_tokens
 
 
+def make_optimizer(cfg: SFTConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW (torch) or bitsandbytes' 8-bit AdamW (``--optim adamw8bit``)."""
+    if cfg.optim == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=cfg.sft_lr, weight_decay=cfg.sft_weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=cfg.sft_weight_decay)
+
+
 def run_sft(reasoner: LatentReasoner, train: Sequence[EncodedExample],
             valid: Sequence[EncodedExample], cfg: SFTConfig, *, grad_clip: float,
             output_dir: Path, log: StepLog, seed: int, save_every: int = 0,
@@ -98,7 +107,7 @@ def run_sft(reasoner: LatentReasoner, train: Sequence[EncodedExample],
     for p in reasoner.parameters():
         p.requires_grad_(True)
     params = [p for p in reasoner.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=cfg.sft_weight_decay)
+    optimizer = make_optimizer(cfg, params)
     steps_per_epoch = math.ceil(len(train) / cfg.sft_batch_size)
     total_steps = steps_per_epoch * cfg.sft_epochs
     warmup, note = fitted_warmup(cfg.sft_warmup_steps, total_steps, "sft")

@@ -20,6 +20,7 @@ from torch import nn
 from fastlatent.data.tokenizer import THOUGHT_TOKEN, add_thought_token
 from fastlatent.errors import CheckpointError
 from fastlatent.model.latent_ratt import LatentRATT
+from fastlatent.model.quantize import quantization_of
 from fastlatent.ops.positions import last_real_index, positions_from_mask
 
 LATENT_MODES = ("ratt", "last-hidden", "none")
@@ -188,6 +189,8 @@ class LatentReasoner(nn.Module):
     # ---- checkpoints -----------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
         """Write LLM (save_pretrained), tokenizer, LatentRATT (safetensors) and config.
+        A quantised LLM (``--base-quant``) is written as the full-precision LLM it was
+        made from (copied from its source folder).
 
         Atomic: everything goes to a temporary sibling directory that replaces
         ``directory`` only once complete, so a crash never leaves a half checkpoint.
@@ -197,8 +200,17 @@ class LatentReasoner(nn.Module):
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        self.llm.save_pretrained(tmp / LLM_DIR)
-        self.tokenizer.save_pretrained(tmp / LLM_DIR)
+        quantized = quantization_of(self.llm)
+        if quantized is None:
+            self.llm.save_pretrained(tmp / LLM_DIR)
+            self.tokenizer.save_pretrained(tmp / LLM_DIR)
+        elif quantized["source"] and (Path(quantized["source"]) / LLM_DIR).is_dir():
+            shutil.copytree(Path(quantized["source"]) / LLM_DIR, tmp / LLM_DIR)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"this model's LLM is quantised ({quantized['mode']}) and "
+                                  f"its full-precision source {quantized['source']} is gone; "
+                                  "save the model before quantising it")
         if self.ratt is not None:
             self.save_ratt(tmp)
         meta = {"format_version": FORMAT_VERSION, "hidden_size": self.llm.config.hidden_size,
