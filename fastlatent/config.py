@@ -74,6 +74,11 @@ class SFTConfig:
     sft_epochs: int = _f(3, "SFT epochs")
     sft_warmup_steps: int = _f(20, "SFT linear warm-up steps, then linear decay to 0")
     sft_weight_decay: float = _f(0.0, "AdamW weight decay in SFT")
+    sft_lora_r: int = _f(0, "LoRA rank for SFT (PEFT adapters on the attention and MLP "
+                         "projections; 0 = full fine-tuning); merged into the base before RL")
+    sft_lora_alpha: float = _f(16.0, "LoRA alpha (the update is scaled by alpha / r)")
+    sft_lora_dropout: float = _f(0.0, "dropout on the LoRA branch's input (0 keeps SFT "
+                                 "deterministic)")
     optim: str = _f("adamw", "SFT optimiser: adamw (torch) | adamw8bit (bitsandbytes' 8-bit "
                     "AdamW: its two moments in 8 bits, 1/4 of the memory)",
                     choices=("adamw", "adamw8bit"))
@@ -307,8 +312,9 @@ _POSITIVE_INTS = ("sft_batch_size", "sft_micro_batch", "sft_epochs", "sft_warmup
 # What a saved LatentReasoner fixes: with --checkpoint these come from its fastlatent.json.
 FROM_CHECKPOINT = ("model", "latent", "ratt_heads", "ratt_rope_base", "num_latents")
 _NON_NEGATIVE_INTS = ("sft_limit", "rl_limit", "valid_limit", "eval_limit", "rl_micro_batch",
-                      "rl_max_steps", "save_every")
-_POSITIVE_FLOATS = ("sft_lr", "rl_lr", "grad_clip", "ratt_rope_base", "dist_timeout")
+                      "rl_max_steps", "save_every", "sft_lora_r")
+_POSITIVE_FLOATS = ("sft_lr", "rl_lr", "grad_clip", "ratt_rope_base", "dist_timeout",
+                    "sft_lora_alpha")
 
 
 def validate_config(cfg: Config, explicit: Iterable[str] = ()) -> None:
@@ -352,6 +358,10 @@ def validate_config(cfg: Config, explicit: Iterable[str] = ()) -> None:
             importlib.util.find_spec("bitsandbytes") is None:
         fail("base_quant" if values["base_quant"] != "none" else "optim",
              "needs bitsandbytes (pip install bitsandbytes)")
+    if not 0 <= values["sft_lora_dropout"] < 1:
+        fail("sft_lora_dropout", "expected a probability in [0, 1)")
+    if values["sft_lora_r"] > 0 and importlib.util.find_spec("peft") is None:
+        fail("sft_lora_r", "needs peft (pip install peft)")
     if values["advantage"] == "group" and values["num_samples"] < 2:
         fail("num_samples", "the group advantage needs K >= 2 rows per prompt (its std is "
              "over the K rows); use --num-samples 8 or --advantage batch")

@@ -32,6 +32,13 @@ from fastlatent.evaluate import (
 )
 from fastlatent.metrics import BASELINE, interval_relation, popular_items
 from fastlatent.model.loading import load_llm
+from fastlatent.model.lora import (
+    LoraSettings,
+    add_lora,
+    load_adapters,
+    lora_layers,
+    merge_lora,
+)
 from fastlatent.model.quantize import quantization_of, quantize_llm
 from fastlatent.model.reasoner import LatentReasoner, ReasonerConfig
 from fastlatent.rl import run_rl
@@ -159,6 +166,13 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
     if stage in ("sft", "all") and "sft:trained" in progress.done:
         tqdm.write("resume: SFT already trained; loading its best checkpoint")
         reasoner = LatentReasoner.load(out / "sft", dtype=dtype).to(device)
+    elif sft_resume is not None and cfg.sft.sft_lora_r > 0:
+        # LoRA: the frozen base as the run built it, then the checkpoint's adapters
+        reasoner = build_reasoner(cfg, dataset, device)
+        add_lora(reasoner.llm, lora_settings(cfg))
+        load_adapters(reasoner.llm, sft_resume.path / MODEL_DIR)
+        if reasoner.ratt is not None:
+            reasoner.load_ratt(sft_resume.path / MODEL_DIR)
     elif sft_resume is not None:
         reasoner = LatentReasoner.load(sft_resume.path / MODEL_DIR, dtype=dtype).to(device)
     else:
@@ -206,6 +220,10 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
         if "sft:trained" not in progress.done:
             if sft_resume is None:
                 seed_everything(seed)
+            if cfg.sft.sft_lora_r > 0 and not lora_layers(reasoner.llm):
+                count = add_lora(reasoner.llm, lora_settings(cfg))
+                log.write("sft", "lora", layers=count, r=cfg.sft.sft_lora_r,
+                          alpha=cfg.sft.sft_lora_alpha, dropout=cfg.sft.sft_lora_dropout)
             encode = builder.encode
             train = [encode(ex) for ex in seeded_sample(splits.train, cfg.data.sft_limit, seed)]
             valid = [encode(ex) for ex in splits.valid]
@@ -215,6 +233,7 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
                 tqdm.write(f"SFT: reloading the best checkpoint (epoch {result.best_epoch + 1})")
                 reasoner = LatentReasoner.load(result.checkpoint, dtype=dtype).to(device)
             progress.finished("sft:trained")
+        merge_lora(reasoner.llm)  # RL and evaluation see a plain model (what sft/ holds)
         quantize_base(reasoner, cfg, out, log, source=out / "sft")
         run_eval("sft")
     if stage == "all" and reasoner.ratt is None:
@@ -239,6 +258,10 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
     if stage == "eval":
         run_eval("eval")
     return metrics
+
+
+def lora_settings(cfg: Config) -> LoraSettings:
+    return LoraSettings(cfg.sft.sft_lora_r, cfg.sft.sft_lora_alpha, cfg.sft.sft_lora_dropout)
 
 
 def quantize_base(reasoner: LatentReasoner, cfg: Config, out: Path, log: StepLog, *,

@@ -27,6 +27,7 @@ from fastlatent.data.batch import EncodedExample, collate
 from fastlatent.data.sampling import chunks, shuffled_batches
 from fastlatent.engine.generic import step_for
 from fastlatent.errors import TrainingStopped
+from fastlatent.model.lora import lora_layers
 from fastlatent.model.reasoner import LatentReasoner
 from fastlatent.optim import NonFiniteGuard, clipped_update, fitted_warmup, make_scheduler
 from fastlatent.runlog import StepLog
@@ -104,8 +105,9 @@ def run_sft(reasoner: LatentReasoner, train: Sequence[EncodedExample],
         raise ValueError("SFT needs at least one training example")
     if not valid:
         raise ValueError("SFT needs validation examples for early stopping")
-    for p in reasoner.parameters():
-        p.requires_grad_(True)
+    if not lora_layers(reasoner.llm):  # full fine-tuning; with LoRA, add_lora chose
+        for p in reasoner.parameters():
+            p.requires_grad_(True)
     params = [p for p in reasoner.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
     steps_per_epoch = math.ceil(len(train) / cfg.sft_batch_size)

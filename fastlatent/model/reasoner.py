@@ -20,6 +20,7 @@ from torch import nn
 from fastlatent.data.tokenizer import THOUGHT_TOKEN, add_thought_token
 from fastlatent.errors import CheckpointError
 from fastlatent.model.latent_ratt import LatentRATT
+from fastlatent.model.lora import lora_layers, merged_state_dict, save_adapters
 from fastlatent.model.quantize import quantization_of
 from fastlatent.ops.positions import last_real_index, positions_from_mask
 
@@ -201,7 +202,11 @@ class LatentReasoner(nn.Module):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         quantized = quantization_of(self.llm)
-        if quantized is None:
+        if lora_layers(self.llm):  # plain merged weights, and the adapters to resume SFT
+            self.llm.save_pretrained(tmp / LLM_DIR, state_dict=merged_state_dict(self.llm))
+            self.tokenizer.save_pretrained(tmp / LLM_DIR)
+            save_adapters(self.llm, tmp)
+        elif quantized is None:
             self.llm.save_pretrained(tmp / LLM_DIR)
             self.tokenizer.save_pretrained(tmp / LLM_DIR)
         elif quantized["source"] and (Path(quantized["source"]) / LLM_DIR).is_dir():

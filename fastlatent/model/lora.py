@@ -1,0 +1,123 @@
+"""LoRA for the SFT stage (``--sft-lora-r``), with PEFT's adapter layers.
+
+The adapters go onto the attention and MLP projections of the decoder layers (PEFT's
+``inject_adapter_in_model``: the model keeps its class, and the engine's Decoder calls the
+wrapped projections unchanged). SFT then trains the adapters and LatentRATT; the base
+weights, embeddings and head stay frozen. A saved model always holds plain, merged
+weights (W + ΔW) that load without PEFT, plus the adapters themselves
+(``lora_adapter.safetensors``, ``lora.json``) so an interrupted SFT resumes exactly from
+the same base. Before RL the adapters are merged into the base in place (the same sum),
+so RL and evaluation see an ordinary model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_FILE, LORA_CONFIG_FILE = "lora_adapter.safetensors", "lora.json"
+ADAPTER = "default"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int
+    alpha: float
+    dropout: float
+
+
+def lora_layers(llm: nn.Module) -> dict[str, nn.Module]:
+    """Module name -> PEFT LoRA layer, for every adapter in ``llm``."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return {}
+    return {name: m for name, m in llm.named_modules() if isinstance(m, LoraLayer)}
+
+
+def add_lora(llm: nn.Module, settings: LoraSettings) -> int:
+    """Inject fresh adapters (A random, B zero: the model is unchanged) and freeze
+    everything else of ``llm``; returns the number of adapted projections."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha,
+                        lora_dropout=settings.dropout, target_modules=list(TARGETS),
+                        bias="none")
+    llm.requires_grad_(False)
+    inject_adapter_in_model(config, llm)
+    layers = lora_layers(llm)
+    for layer in layers.values():
+        for p in [*layer.lora_A.parameters(), *layer.lora_B.parameters()]:
+            p.requires_grad_(True)
+    llm.fastlatent_lora = settings
+    return len(layers)
+
+
+def merged_weight(layer: nn.Module) -> torch.Tensor:
+    """W + ΔW of one LoRA layer, as saving and merging both compute it."""
+    base = layer.get_base_layer().weight
+    return (base.detach() + layer.get_delta_weight(ADAPTER).detach()).to(base.dtype)
+
+
+def merged_state_dict(llm: nn.Module) -> dict[str, torch.Tensor]:
+    """``llm``'s state dict as a plain model's: adapters added into their base weights,
+    PEFT's ``base_layer.`` names removed, adapter tensors left out."""
+    merged = {f"{name}.weight": merged_weight(layer)
+              for name, layer in lora_layers(llm).items()}
+    out = {}
+    for key, value in llm.state_dict().items():
+        if ".lora_" in key:
+            continue
+        plain = key.replace(".base_layer.", ".")
+        out[plain] = merged.get(plain, value)
+    return out
+
+
+def adapter_state(llm: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in llm.state_dict().items() if ".lora_" in k}
+
+
+def save_adapters(llm: nn.Module, directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.cpu() for k, v in adapter_state(llm).items()},
+              str(directory / ADAPTER_FILE))
+    (directory / LORA_CONFIG_FILE).write_text(
+        json.dumps(asdict(llm.fastlatent_lora), indent=2) + "\n")
+
+
+def load_adapters(llm: nn.Module, directory: Path) -> None:
+    """Put saved adapter weights into ``llm`` (which holds adapters of the same shape)."""
+    from safetensors.torch import load_file
+
+    from fastlatent.errors import CheckpointError
+
+    path = Path(directory) / ADAPTER_FILE
+    try:
+        saved = load_file(str(path))
+    except Exception as err:  # safetensors raises several types for a damaged file
+        raise CheckpointError(f"{path}: the LoRA adapters cannot be read ({err})") from None
+    missing = set(adapter_state(llm)) ^ set(saved)
+    if missing:
+        raise CheckpointError(f"{path}: adapters do not match this model ({sorted(missing)[:3]})")
+    llm.load_state_dict(saved, strict=False)
+
+
+def merge_lora(llm: nn.Module) -> int:
+    """Add every adapter into its base weight and put the plain projection back (in
+    place); returns how many were merged."""
+    layers = lora_layers(llm)
+    for name, layer in layers.items():
+        base = layer.get_base_layer()
+        with torch.no_grad():
+            base.weight.copy_(merged_weight(layer))
+        parent_name, _, attr = name.rpartition(".")
+        setattr(llm.get_submodule(parent_name) if parent_name else llm, attr, base)
+    if hasattr(llm, "fastlatent_lora"):
+        del llm.fastlatent_lora
+    return len(layers)
