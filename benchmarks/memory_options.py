@@ -1,5 +1,5 @@
-"""Memory of one RL step per ``--base-quant`` and one SFT step per ``--optim``, and how far
-the quantised LLM moves the RL rewards.
+"""Memory of one RL step per ``--base-quant`` and one SFT step per ``--optim`` (and with
+LoRA r=16), and how far the quantised LLM moves the RL rewards.
 
     python benchmarks/memory_options.py --json       # SmolLM2-135M, 8 MovieLens prompts, K=8
 
@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from rl_step import _reset_peak, _rss_kib  # noqa: E402
 
-SETTINGS = ("rl-none", "rl-int8", "rl-nf4", "sft-adamw", "sft-adamw8bit")
+SETTINGS = ("rl-none", "rl-int8", "rl-nf4", "sft-adamw", "sft-adamw8bit", "sft-lora")
 
 
 def worker(args) -> dict:
@@ -57,6 +57,10 @@ def worker(args) -> dict:
     if stage == "rl":
         freeze_llm(reasoner)
         quantize_llm(reasoner.llm, option, source=None)
+    if option == "lora":  # LoRA r=16 on the projections, AdamW over adapters + LatentRATT
+        from fastlatent.model.lora import LoraSettings, add_lora
+
+        add_lora(reasoner.llm, LoraSettings(r=16, alpha=32.0, dropout=0.0))
     gc.collect()
 
     def memory() -> int:
@@ -76,8 +80,12 @@ def worker(args) -> dict:
                                       torch.Generator().manual_seed(0))
         result["rewards"] = out.rewards.cpu().tolist()
     else:
-        cfg = SFTConfig(optim=option, sft_micro_batch=len(rows))
+        cfg = SFTConfig(optim="adamw" if option == "lora" else option,
+                        sft_micro_batch=len(rows))
+        if option != "lora":
+            reasoner.requires_grad_(True)
         params = [p for p in reasoner.parameters() if p.requires_grad]
+        result["trainable_params"] = sum(p.numel() for p in params)
         optimizer = make_optimizer(cfg, params)
         scheduler = make_scheduler(optimizer, "sft", 0, 10)
         accumulate_sft_gradients(reasoner, rows, len(rows), step_for(reasoner, "sft"))
