@@ -169,7 +169,7 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
     elif sft_resume is not None and cfg.sft.sft_lora_r > 0:
         # LoRA: the frozen base as the run built it, then the checkpoint's adapters
         reasoner = build_reasoner(cfg, dataset, device)
-        add_lora(reasoner.llm, lora_settings(cfg))
+        add_lora_for_sft(reasoner, cfg)
         load_adapters(reasoner.llm, sft_resume.path / MODEL_DIR)
         if reasoner.ratt is not None:
             reasoner.load_ratt(sft_resume.path / MODEL_DIR)
@@ -221,9 +221,10 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
             if sft_resume is None:
                 seed_everything(seed)
             if cfg.sft.sft_lora_r > 0 and not lora_layers(reasoner.llm):
-                count = add_lora(reasoner.llm, lora_settings(cfg))
+                count = add_lora_for_sft(reasoner, cfg)
                 log.write("sft", "lora", layers=count, r=cfg.sft.sft_lora_r,
-                          alpha=cfg.sft.sft_lora_alpha, dropout=cfg.sft.sft_lora_dropout)
+                          alpha=cfg.sft.sft_lora_alpha, dropout=cfg.sft.sft_lora_dropout,
+                          base_quant=cfg.model.base_quant)
             encode = builder.encode
             train = [encode(ex) for ex in seeded_sample(splits.train, cfg.data.sft_limit, seed)]
             valid = [encode(ex) for ex in splits.valid]
@@ -260,8 +261,13 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
     return metrics
 
 
-def lora_settings(cfg: Config) -> LoraSettings:
-    return LoraSettings(cfg.sft.sft_lora_r, cfg.sft.sft_lora_alpha, cfg.sft.sft_lora_dropout)
+def add_lora_for_sft(reasoner: LatentReasoner, cfg: Config) -> int:
+    """``--sft-lora-r``: adapters on the projections; with ``--base-quant`` over the
+    quantised base (QLoRA: the base is frozen anyway, so it may as well be small)."""
+    if cfg.model.base_quant != "none":
+        quantize_llm(reasoner.llm, cfg.model.base_quant, source=None)
+    return add_lora(reasoner.llm, LoraSettings(cfg.sft.sft_lora_r, cfg.sft.sft_lora_alpha,
+                                               cfg.sft.sft_lora_dropout))
 
 
 def quantize_base(reasoner: LatentReasoner, cfg: Config, out: Path, log: StepLog, *,

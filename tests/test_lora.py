@@ -103,6 +103,40 @@ def test_smoke_end_to_end_with_lora(tmp_path):
         json.loads((out / "metrics.json").read_text())["rl"]
 
 
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_qlora_adapters_over_a_quantised_base(tiny_reasoner, tiny_batch, mode, tmp_path):
+    """LoRA over an 8-bit/NF4 base: the engine matches the full-sequence step, and the
+    saved (merged) plain model computes what the adapted quantised model computes."""
+    pytest.importorskip("bitsandbytes")
+    from fastlatent.model.quantize import quantization_of, quantize_llm
+
+    quantize_llm(tiny_reasoner.llm, mode, source=None)
+    reasoner = trained_lora(tiny_reasoner, tiny_batch)
+    out, ref = sft_step(reasoner, tiny_batch), naive_sft_step(reasoner, tiny_batch)
+    torch.testing.assert_close(out.nll_sum, ref.nll_sum, rtol=1e-4, atol=1e-3)
+    want = logits(reasoner, tiny_batch)
+    loaded = LatentReasoner.load(reasoner.save(tmp_path / "sft"))
+    assert quantization_of(loaded.llm) is None and not lora_layers(loaded.llm)
+    torch.testing.assert_close(logits(loaded, tiny_batch), want, rtol=1e-4, atol=1e-4)
+    merge_lora(reasoner.llm)
+    assert quantization_of(reasoner.llm) is None
+    assert all(type(m) is torch.nn.Linear for m in reasoner.llm.modules()
+               if "Linear" in type(m).__name__ and m is not reasoner.llm.lm_head)
+    torch.testing.assert_close(logits(reasoner, tiny_batch), want, rtol=1e-4, atol=1e-4)
+
+
+def test_smoke_end_to_end_with_qlora(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "run"
+    assert main(["--preset", "smoke", "--output-dir", str(out), "--sft-lora-r", "4",
+                 "--base-quant", "nf4", "--report-to", "none"]) == 0
+    events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["base_quant"] for e in events if e["event"] == "lora"] == ["nf4"]
+    assert [e["source"] for e in events if e["event"] == "quantized"] == [str(out / "sft")]
+    assert (out / "rl" / "llm" / "model.safetensors").read_bytes() == \
+        (out / "sft" / "llm" / "model.safetensors").read_bytes()
+
+
 KILL_AT_SFT_STEP = textwrap.dedent("""
     import os, signal, sys
     import fastlatent.sft as sft

@@ -7,7 +7,9 @@ weights, embeddings and head stay frozen. A saved model always holds plain, merg
 weights (W + ΔW) that load without PEFT, plus the adapters themselves
 (``lora_adapter.safetensors``, ``lora.json``) so an interrupted SFT resumes exactly from
 the same base. Before RL the adapters are merged into the base in place (the same sum),
-so RL and evaluation see an ordinary model.
+so RL and evaluation see an ordinary model. With ``--base-quant`` the adapters train over
+the quantised base (QLoRA) and the merge adds them to the dequantised weights the SFT
+forward used.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from fastlatent.model.quantize import dequantized_weight, forget_quantization
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_FILE, LORA_CONFIG_FILE = "lora_adapter.safetensors", "lora.json"
@@ -58,23 +62,32 @@ def add_lora(llm: nn.Module, settings: LoraSettings) -> int:
     return len(layers)
 
 
-def merged_weight(layer: nn.Module) -> torch.Tensor:
-    """W + ΔW of one LoRA layer, as saving and merging both compute it."""
-    base = layer.get_base_layer().weight
-    return (base.detach() + layer.get_delta_weight(ADAPTER).detach()).to(base.dtype)
+def merged_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """W + ΔW of one LoRA layer in ``dtype``, as saving and merging both compute it; W is
+    the base's weight as its matmul uses it (dequantised for an 8-bit/NF4 base: QLoRA)."""
+    base = dequantized_weight(layer.get_base_layer()).float()
+    return (base + layer.get_delta_weight(ADAPTER).detach().float()).to(dtype)
+
+
+def _dtype(llm: nn.Module) -> torch.dtype:
+    return llm.get_input_embeddings().weight.dtype
 
 
 def merged_state_dict(llm: nn.Module) -> dict[str, torch.Tensor]:
     """``llm``'s state dict as a plain model's: adapters added into their base weights,
-    PEFT's ``base_layer.`` names removed, adapter tensors left out."""
-    merged = {f"{name}.weight": merged_weight(layer)
-              for name, layer in lora_layers(llm).items()}
-    out = {}
+    the base layers' own tensors (PEFT's ``base_layer.`` names, bitsandbytes' scales)
+    replaced by the merged weight and the bias, adapter tensors left out."""
+    out, dtype = {}, _dtype(llm)
+    layers = lora_layers(llm)
+    for name, layer in layers.items():
+        out[f"{name}.weight"] = merged_weight(layer, dtype)
+        bias = layer.get_base_layer().bias
+        if bias is not None:
+            out[f"{name}.bias"] = bias.detach().to(dtype)
+    owned = tuple(f"{name}." for name in layers)
     for key, value in llm.state_dict().items():
-        if ".lora_" in key:
-            continue
-        plain = key.replace(".base_layer.", ".")
-        out[plain] = merged.get(plain, value)
+        if not key.startswith(owned):
+            out[key] = value
     return out
 
 
@@ -109,15 +122,23 @@ def load_adapters(llm: nn.Module, directory: Path) -> None:
 
 
 def merge_lora(llm: nn.Module) -> int:
-    """Add every adapter into its base weight and put the plain projection back (in
-    place); returns how many were merged."""
+    """Replace every adapted projection by a plain ``nn.Linear`` holding W + ΔW (in
+    place; a quantised base becomes full precision again); returns how many."""
     layers = lora_layers(llm)
+    dtype = _dtype(llm)
     for name, layer in layers.items():
         base = layer.get_base_layer()
+        plain = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                          device=layer.lora_A[ADAPTER].weight.device, dtype=dtype)
         with torch.no_grad():
-            base.weight.copy_(merged_weight(layer))
+            plain.weight.copy_(merged_weight(layer, dtype))
+            if base.bias is not None:
+                plain.bias.copy_(base.bias)
+        plain.requires_grad_(False)
         parent_name, _, attr = name.rpartition(".")
-        setattr(llm.get_submodule(parent_name) if parent_name else llm, attr, base)
+        setattr(llm.get_submodule(parent_name) if parent_name else llm, attr, plain)
+    if layers:
+        forget_quantization(llm)
     if hasattr(llm, "fastlatent_lora"):
         del llm.fastlatent_lora
     return len(layers)

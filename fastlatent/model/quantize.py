@@ -71,6 +71,31 @@ def quantize_llm(llm: nn.Module, mode: str, *, source: str | Path | None) -> int
     return count
 
 
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight a (possibly bitsandbytes) linear layer computes with, as a plain tensor
+    in the layer's compute dtype (exact: what its matmul uses)."""
+    weight = layer.weight
+    kind = type(weight).__name__
+    if kind == "Params4bit":
+        import bitsandbytes as bnb
+
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(
+            layer.compute_dtype or torch.float32)
+    if kind == "Int8Params":
+        import bitsandbytes as bnb
+
+        dtype = layer.bias.dtype if layer.bias is not None else torch.float32
+        scales = weight.SCB if weight.SCB is not None else layer.state.SCB  # moves on use
+        return bnb.functional.int8_vectorwise_dequant(weight.data, scales).to(dtype)
+    return weight.detach()
+
+
+def forget_quantization(llm: nn.Module) -> None:
+    """Mark ``llm`` as plain again (its quantised layers were all replaced)."""
+    if hasattr(llm, "fastlatent_quantized"):
+        del llm.fastlatent_quantized
+
+
 def quantization_of(llm: nn.Module) -> dict | None:
     """``{"mode", "source"}`` when :func:`quantize_llm` changed ``llm``, else None."""
     return getattr(llm, "fastlatent_quantized", None)
