@@ -60,7 +60,8 @@ class ModelConfig:
     dtype: str = _f("float32", "LLM weight dtype (LatentRATT always keeps fp32 master weights)",
                     choices=("float32", "bfloat16", "float16"))
     base_quant: str = _f("none", "the frozen LLM of RL and evaluation in 8-bit or NF4 "
-                         "(bitsandbytes; SFT trains in --dtype): none | int8 | nf4",
+                         "(bitsandbytes), and under SFT's adapters with --sft-lora-r "
+                         "(QLoRA); full SFT trains in --dtype: none | int8 | nf4",
                          choices=("none", "int8", "nf4"))
 
 
