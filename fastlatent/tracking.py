@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ class Tracker:
 
     kind: str
     handle: Any
+    stages: set[str] = field(default_factory=set)  # wandb: stages given a step axis
 
     def record(self, stage: str, event: str, values: dict[str, Any]) -> None:
         numbers = scalars(values)
@@ -70,7 +71,15 @@ class Tracker:
         if self.kind == "tensorboard":
             for tag, value in tagged.items():
                 self.handle.add_scalar(tag, value, step)
-        else:  # wandb and trackio share log(dict, step=...)
+        elif self.kind == "wandb":
+            # wandb drops a log whose step is below the run's last one, and RL's steps
+            # start again at 1 after SFT's: each stage gets its own step axis instead.
+            if stage not in self.stages:
+                self.handle.define_metric(f"{stage}/step")
+                self.handle.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
+                self.stages.add(stage)
+            self.handle.log({**tagged, f"{stage}/step": step})
+        else:  # trackio keeps every (step, values) row as given
             self.handle.log(tagged, step=step)
 
     def close(self) -> None:

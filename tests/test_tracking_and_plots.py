@@ -87,28 +87,67 @@ class StandIn:
     """Records what a wandb run / the trackio module is asked to do."""
 
     def __init__(self):
-        self.logged, self.finished = [], False
+        self.logged, self.defined, self.finished = [], [], False
 
     def log(self, values, step=None):
         self.logged.append((step, values))
+
+    def define_metric(self, name, step_metric=None):
+        self.defined.append((name, step_metric))
 
     def finish(self):
         self.finished = True
 
 
-@pytest.mark.parametrize("kind", ["wandb", "trackio"])
-def test_wandb_and_trackio_get_the_same_scalars(kind):
-    handle = StandIn()
-    tracker = tracking.Tracker(kind, handle)
+def feed(tracker):
+    tracker.record("sft", "step", {"step": 9, "epoch": 0, "loss": 1.0})
     tracker.record("rl", "step", {"step": 4, "epoch": 0, "loss": -0.2, "reward_r0": -4.1,
                                   "skipped": False, "grad_norm": math.nan, "prompts": 8})
     tracker.record("sft", "epoch", {"epoch": 1, "valid_loss": 1.5, "improved": True})
     tracker.record("rl", "checkpoint", {"step": 4, "path": "x"})  # nothing numeric
     tracker.close()
+
+
+def test_trackio_gets_the_log_scalars_at_their_steps():
+    handle = StandIn()
+    feed(tracking.Tracker("trackio", handle))
     assert handle.logged == [
+        (9, {"sft/loss": 1.0}),
         (4, {"rl/loss": -0.2, "rl/reward_r0": -4.1, "rl/prompts": 8.0}),
         (1, {"sft/epoch/valid_loss": 1.5})]
     assert handle.finished
+
+
+def test_wandb_gets_one_step_axis_per_stage():
+    """wandb ignores a step below the last one logged; RL restarts at step 1 after SFT,
+    so each stage's scalars are plotted against that stage's own step."""
+    handle = StandIn()
+    feed(tracking.Tracker("wandb", handle))
+    assert handle.defined == [("sft/step", None), ("sft/*", "sft/step"),
+                              ("rl/step", None), ("rl/*", "rl/step")]
+    assert handle.logged == [
+        (None, {"sft/loss": 1.0, "sft/step": 9}),
+        (None, {"rl/loss": -0.2, "rl/reward_r0": -4.1, "rl/prompts": 8.0, "rl/step": 4}),
+        (None, {"sft/epoch/valid_loss": 1.5, "sft/step": 1})]
+    assert handle.finished
+
+
+def test_real_trackio_stores_what_the_log_holds(tmp_path, monkeypatch):
+    """Runs only where trackio is installed (not a [dev] dependency): its local store
+    holds the SFT losses of log.jsonl at their steps."""
+    import sqlite3
+
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "store"))  # read when it is imported
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pytest.importorskip("trackio")
+    out = tmp_path / "run"
+    assert main(["--preset", "smoke", "--output-dir", str(out), "--report-to", "trackio",
+                 "--sft-epochs", "1", "--rl-max-steps", "1", "--eval-limit", "4"]) == 0
+    rows = sqlite3.connect(tmp_path / "store" / "fastlatent.db").execute(
+        "select step, metrics from metrics order by id").fetchall()
+    stored = {step: json.loads(m)["sft/loss"] for step, m in rows if "sft/loss" in json.loads(m)}
+    steps, losses = series(read_records(out), "sft", "step", "loss")
+    assert stored == pytest.approx(dict(zip(steps, losses, strict=True)))
 
 
 def test_report_to(monkeypatch):
