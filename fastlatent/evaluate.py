@@ -4,9 +4,9 @@ HR@{5,10} / NDCG@{5,10} with bootstrap intervals, popular / unpopular split."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -24,6 +24,9 @@ from fastlatent.engine.generic import beam_search_for
 from fastlatent.engine.steps import target_logprobs
 from fastlatent.metrics import normalize_title, rank_of_first_hit, summarize
 from fastlatent.model.reasoner import LatentReasoner
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -53,6 +56,37 @@ def decode_title(tokenizer, token_ids: Sequence[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False).strip().strip('"').strip()
 
 
+def rank_titles(reasoner: LatentReasoner, search, builder: PromptBuilder, trie: TitleTrie,
+                part: Sequence[Example], *, num_beams: int, length_penalty: float,
+                max_new_tokens: int) -> list[tuple[list[str], list[float]]]:
+    """One batch of users through constrained beam search: per user, the titles best
+    first and their beam scores (rounded to 6 decimals)."""
+    tokenizer = reasoner.tokenizer
+    batch = collate([builder.encode(ex) for ex in part], tokenizer.pad_token_id)
+    batch = batch.to(reasoner.device)
+    hyps = search(reasoner, batch.prompt_ids, batch.prompt_mask, trie, num_beams=num_beams,
+                  num_return=num_beams, length_penalty=length_penalty,
+                  max_new_tokens=max_new_tokens)
+    return [([decode_title(tokenizer, h.token_ids) for h in row],
+             [round(float(h.score), 6) for h in row]) for row in hyps]
+
+
+def map_dealt(batches: Sequence[Sequence[T]], score: Callable[[Sequence[T]], list[R]],
+              where: str) -> list[R]:
+    """``score`` over ``batches`` dealt across the processes, every result gathered back
+    in batch order (one process: a plain loop). Every process runs as many rounds as the
+    busiest one, checking for a stop signal before each (a collective)."""
+    mine = distributed.deal(batches)
+    done: dict[int, list[R]] = {}
+    for round_ in range(distributed.rounds(len(batches))):
+        check_stop(where)
+        if round_ < len(mine):
+            index, part = mine[round_]
+            done[index] = score(part)
+    gathered = distributed.gather_dealt(done)
+    return [row for i in range(len(batches)) for row in gathered[i]]
+
+
 def evaluate(reasoner: LatentReasoner, examples: Sequence[Example], builder: PromptBuilder,
              trie: TitleTrie, cfg: EvalConfig, *, popular: set | None = None,
              seed: int = 0, desc: str = "eval") -> EvalResult:
@@ -63,39 +97,26 @@ def evaluate(reasoner: LatentReasoner, examples: Sequence[Example], builder: Pro
     the original order and every process computes the same metrics."""
     if not examples:
         raise ValueError("evaluation needs at least one example")
-    tokenizer = reasoner.tokenizer
     was_training = reasoner.training
     reasoner.eval()
     search = beam_search_for(reasoner)
-    batches = list(chunks(examples, cfg.eval_batch_size))
-    mine = distributed.deal(batches)
-    done: dict[int, list[dict[str, Any]]] = {}
     bar = tqdm(total=len(examples), desc=desc, unit="user", dynamic_ncols=True,
                disable=not distributed.is_main())
+
+    def score(part: Sequence[Example]) -> list[dict[str, Any]]:
+        ranked = rank_titles(reasoner, search, builder, trie, part,
+                             num_beams=cfg.num_beams, length_penalty=cfg.length_penalty,
+                             max_new_tokens=cfg.max_new_tokens)
+        bar.update(len(part) * distributed.world_size())
+        return [{"user": ex.user, "history": list(ex.history), "target": ex.target,
+                 "rank": rank_of_first_hit(titles, ex.target), "predictions": titles,
+                 "scores": scores} for ex, (titles, scores) in zip(part, ranked, strict=True)]
+
     with torch.no_grad():
-        for round_ in range(distributed.rounds(len(batches))):
-            check_stop(f"during {desc} (an evaluation restarts on --resume)")
-            if round_ >= len(mine):
-                continue
-            index, part = mine[round_]
-            batch = collate([builder.encode(ex) for ex in part], tokenizer.pad_token_id)
-            batch = batch.to(reasoner.device)
-            hyps = search(reasoner, batch.prompt_ids, batch.prompt_mask, trie,
-                          num_beams=cfg.num_beams, num_return=cfg.num_beams,
-                          length_penalty=cfg.length_penalty,
-                          max_new_tokens=cfg.max_new_tokens)
-            done[index] = []
-            for ex, row in zip(part, hyps, strict=True):
-                titles = [decode_title(tokenizer, h.token_ids) for h in row]
-                done[index].append({
-                    "user": ex.user, "history": list(ex.history), "target": ex.target,
-                    "rank": rank_of_first_hit(titles, ex.target), "predictions": titles,
-                    "scores": [round(float(h.score), 6) for h in row]})
-            bar.update(len(part) * distributed.world_size())
+        predictions = map_dealt(list(chunks(examples, cfg.eval_batch_size)), score,
+                                f"during {desc} (an evaluation restarts on --resume)")
     bar.close()
     reasoner.train(was_training)
-    gathered = distributed.gather_dealt(done)
-    predictions = [row for i in range(len(batches)) for row in gathered[i]]
     ranks = [row["rank"] for row in predictions]
     flags = None if popular is None else [item_key(ex) in popular for ex in examples]
     return EvalResult(summarize(ranks, flags, seed=seed), predictions)
@@ -140,20 +161,16 @@ def target_nll(reasoner: LatentReasoner, examples: Sequence[Example], builder: P
     decoder = Decoder(reasoner.llm)
     was_training = reasoner.training
     reasoner.eval()
-    batches = list(chunks(examples, batch_size))
-    mine = distributed.deal(batches)
-    done: dict[int, list[float]] = {}
+
+    def score(part: Sequence[Example]) -> list[float]:
+        batch = collate([builder.encode(ex) for ex in part],
+                        reasoner.tokenizer.pad_token_id).to(reasoner.device)
+        logp = target_logprobs(reasoner, batch, decoder=decoder)
+        mask = batch.target_mask.to(logp.dtype)
+        return (-(logp * mask).sum(1) / mask.sum(1)).tolist()
+
     with torch.no_grad():
-        for round_ in range(distributed.rounds(len(batches))):
-            check_stop("while scoring the evaluation targets")
-            if round_ >= len(mine):
-                continue
-            index, part = mine[round_]
-            batch = collate([builder.encode(ex) for ex in part],
-                            reasoner.tokenizer.pad_token_id).to(reasoner.device)
-            logp = target_logprobs(reasoner, batch, decoder=decoder)
-            mask = batch.target_mask.to(logp.dtype)
-            done[index] = (-(logp * mask).sum(1) / mask.sum(1)).tolist()
+        out = map_dealt(list(chunks(examples, batch_size)), score,
+                        "while scoring the evaluation targets")
     reasoner.train(was_training)
-    gathered = distributed.gather_dealt(done)
-    return [v for i in range(len(batches)) for v in gathered[i]]
+    return out

@@ -26,13 +26,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastlatent.data.batch import collate
 from fastlatent.data.example import Catalogue, Example
 from fastlatent.data.prompt import PromptBuilder
 from fastlatent.data.sampling import chunks
 from fastlatent.data.trie import TitleTrie
 from fastlatent.errors import CheckpointError, DataError, UserError
-from fastlatent.evaluate import build_title_trie, decode_title
+from fastlatent.evaluate import build_title_trie, rank_titles
 from fastlatent.metrics import normalize_title
 from fastlatent.model.reasoner import LatentReasoner
 
@@ -83,24 +82,20 @@ class Recommender:
                 raise DataError(f"history {i}: expected a list of titles, got {history!r}")
             if not history:
                 raise DataError(f"history {i} is empty; give at least one title")
-        reasoner, tok = self.reasoner, self.reasoner.tokenizer
+        reasoner = self.reasoner
         search = beam_search_for(reasoner)
         was_training = reasoner.training
         reasoner.eval()
         out: list[Recommendation] = []
         with torch.no_grad():
             for part in chunks(list(histories), batch_size):
-                encoded = [self.builder.encode(Example(user="", history=tuple(h), target=""))
-                           for h in part]
-                batch = collate(encoded, tok.pad_token_id).to(reasoner.device)
-                hyps = search(reasoner, batch.prompt_ids, batch.prompt_mask, self.trie,
-                              num_beams=beams, num_return=beams,
-                              length_penalty=length_penalty, max_new_tokens=max_new_tokens)
-                for history, row in zip(part, hyps, strict=True):
-                    out.append(Recommendation(
-                        [decode_title(tok, h.token_ids) for h in row][:top],
-                        [round(float(h.score), 6) for h in row][:top],
-                        [t for t in history if normalize_title(t) not in self.known]))
+                users = [Example(user="", history=tuple(h), target="") for h in part]
+                ranked = rank_titles(reasoner, search, self.builder, self.trie, users,
+                                     num_beams=beams, length_penalty=length_penalty,
+                                     max_new_tokens=max_new_tokens)
+                out.extend(Recommendation(titles[:top], scores[:top],
+                                          [t for t in h if normalize_title(t) not in self.known])
+                           for h, (titles, scores) in zip(part, ranked, strict=True))
         reasoner.train(was_training)
         return out
 

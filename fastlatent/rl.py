@@ -95,49 +95,43 @@ def accumulate_rl_gradients(reasoner: LatentReasoner, batch: Sequence[EncodedExa
     starts = list(range(0, len(batch), micro))
     mine = distributed.deal(starts)
 
-    def part(start: int):
-        return collate(batch[start:start + micro], pad).to(reasoner.device)
-
-    def pooled(local: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        gathered = distributed.gather_dealt({i: r.cpu() for i, r in local.items()})
-        rewards = torch.cat([gathered[i] for i in range(len(starts))])
-        return rewards, grpo_advantages(rewards, pool=cfg.advantage)
-
-    if len(starts) == 1 and not distributed.active():  # one process, one pass
-        out = train_step(reasoner, part(0), noise=noise, **kwargs)
+    parts = {start: collate(batch[start:start + micro], pad).to(reasoner.device)
+             for _, start in mine}
+    if len(starts) == 1 and not distributed.active():  # one process, one pass: the step
+        out = train_step(reasoner, parts[0], noise=noise, **kwargs)  # pools its own rows
         out.loss.backward()
         return RLBatchResult(float(out.loss.detach()), out.rewards, out.advantages)
-    pool: dict[str, torch.Tensor] = {}
-    loss = 0.0
-    if len(starts) <= distributed.world_size():  # at most one micro-batch per process
-        def pool_for(index: int, start: int):
-            def pool_rewards(rewards: torch.Tensor) -> torch.Tensor:
-                pool["rewards"], pool["advantages"] = pooled({index: rewards})
-                return pool["advantages"][start:start + micro]
-            return pool_rewards
 
-        for i, start in mine:
-            out = train_step(reasoner, part(start), noise=noise[start:start + micro],
-                             pool_rewards=pool_for(i, start), **kwargs)
-            share = out.rewards.shape[0] / len(batch)
-            (out.loss * share).backward()
-            loss += float(out.loss.detach()) * share
-        if not mine:  # more processes than micro-batches: join the gather with nothing
-            pool["rewards"], pool["advantages"] = pooled({})
-    else:
+    def pooled(local: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+        gathered = distributed.gather_dealt({i: r.cpu() for i, r in local.items()})
+        rewards = torch.cat([gathered[i] for i in range(len(starts))])
+        return {"rewards": rewards, "advantages": grpo_advantages(rewards, pool=cfg.advantage)}
+
+    def pool_for(index: int, start: int):
+        def pool_rewards(rewards: torch.Tensor) -> torch.Tensor:
+            pool.update(pooled({index: rewards}))
+            return pool["advantages"][start:start + micro]
+        return pool_rewards
+
+    pool: dict[str, torch.Tensor] = {}
+    two_pass = len(starts) > distributed.world_size()  # some process holds several
+    if two_pass:
         with torch.no_grad():
-            local = {i: train_step(reasoner, part(start), noise=noise[start:start + micro],
-                                   **kwargs).rewards for i, start in mine}
-        pool["rewards"], pool["advantages"] = pooled(local)
-        for _, start in mine:
-            chunk = part(start)
-            out = train_step(reasoner, chunk, noise=noise[start:start + micro],
-                             advantages=pool["advantages"][start:start + len(chunk)]
-                             .to(reasoner.device),
-                             **kwargs)
-            share = len(chunk) / len(batch)
-            (out.loss * share).backward()
-            loss += float(out.loss.detach()) * share
+            pool.update(pooled({i: train_step(reasoner, parts[start],
+                                              noise=noise[start:start + micro],
+                                              **kwargs).rewards for i, start in mine}))
+    elif not mine:  # more processes than micro-batches: join the gather with nothing
+        pool.update(pooled({}))
+    loss = 0.0
+    for i, start in mine:
+        chunk = parts[start]
+        given = (dict(advantages=pool["advantages"][start:start + len(chunk)]
+                      .to(reasoner.device)) if two_pass
+                 else dict(pool_rewards=pool_for(i, start)))
+        out = train_step(reasoner, chunk, noise=noise[start:start + micro], **given, **kwargs)
+        share = len(chunk) / len(batch)
+        (out.loss * share).backward()
+        loss += float(out.loss.detach()) * share
     distributed.all_reduce_gradients(reasoner.ratt.parameters())
     (loss,) = distributed.sum_floats(loss)
     return RLBatchResult(loss, pool["rewards"], pool["advantages"])

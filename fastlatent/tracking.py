@@ -17,14 +17,11 @@ from typing import Any
 
 from fastlatent.config import ConfigError
 
-REPORT_TO = ("auto", "none", "tensorboard", "wandb", "trackio")
-# The package each tracker needs (pip name, import name).
-_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
-             "trackio": ("trackio", "trackio")}
+REPORT_TO = ("auto", "none", "tensorboard", "wandb", "trackio")  # trackers = package names
 
 
 def installed(kind: str) -> bool:
-    return importlib.util.find_spec(_PACKAGES[kind][1]) is not None
+    return importlib.util.find_spec(kind) is not None
 
 
 def resolve(kind: str) -> str:
@@ -35,9 +32,8 @@ def resolve(kind: str) -> str:
     if kind == "auto":
         return "tensorboard" if installed("tensorboard") else "none"
     if kind != "none" and not installed(kind):
-        raise ConfigError(f"--report-to {kind}: the {_PACKAGES[kind][0]} package is not "
-                          f"installed (pip install {_PACKAGES[kind][0]}), or use "
-                          "--report-to none")
+        raise ConfigError(f"--report-to {kind}: the {kind} package is not installed "
+                          f"(pip install {kind}), or use --report-to none")
     return kind
 
 

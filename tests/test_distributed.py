@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -20,6 +19,7 @@ import torch
 
 from fastlatent import distributed
 from fastlatent.testing import distributed_check as check
+from fastlatent.testing.cli_faults import cli_with_fault, signal_self
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc-per-node", "2"]
@@ -191,29 +191,15 @@ def test_a_used_folder_stops_every_rank_with_one_message(smoke_runs):
     assert done.stderr.count("already holds an earlier run") == 1, done.stderr[-3000:]
 
 
-FAIL_AT_RL_STEP = textwrap.dedent("""
-    import os, sys
-    import fastlatent.rl as rl
-    real = rl.accumulate_rl_gradients
-    calls = 0
-    def fail_on_rank_1(*args, **kwargs):
-        global calls
-        calls += 1
-        if calls == 2 and os.environ["RANK"] == "1":
-            raise RuntimeError("injected failure on rank 1")
-        return real(*args, **kwargs)
-    rl.accumulate_rl_gradients = fail_on_rank_1
-    from fastlatent.train import main
-    sys.exit(main(sys.argv[1:]))
-""")
-
-
 @pytest.mark.slow
 def test_a_failing_rank_stops_both(tmp_path):
-    """Rank 1 raises in RL step 2 while rank 0 waits in a collective: the launch ends
-    (no hang), non-zero, and rank 0's run.json names rank 1's error."""
+    """Rank 1 raises after RL step 2's gradients while rank 0 goes on to its next
+    collective: the launch ends (no hang), non-zero, and rank 0's run.json names rank 1's
+    error."""
     wrapper = tmp_path / "fail.py"
-    wrapper.write_text(FAIL_AT_RL_STEP)
+    wrapper.write_text(cli_with_fault("rl", "accumulate_rl_gradients", 2,
+                                      'raise RuntimeError("injected failure on rank 1")',
+                                      rank=1))
     out = tmp_path / "run"
     started = time.monotonic()
     done = train(out, nproc=2, wrapper=str(wrapper))
@@ -232,22 +218,8 @@ def test_sigterm_stops_every_rank_after_the_same_step_and_resumes(smoke_runs, tm
     writes the checkpoint, and ``torchrun ... --resume`` ends where the uninterrupted
     two-process run ends."""
     wrapper = tmp_path / "term.py"
-    wrapper.write_text(textwrap.dedent("""
-        import os, signal, sys
-        import fastlatent.sft as sft
-        real = sft.clipped_update
-        calls = 0
-        def update_then_signal(*args, **kwargs):
-            global calls
-            result = real(*args, **kwargs)
-            calls += 1
-            if calls == 5 and os.environ["RANK"] == "1":
-                os.kill(os.getpid(), signal.SIGTERM)
-            return result
-        sft.clipped_update = update_then_signal
-        from fastlatent.train import main
-        sys.exit(main(sys.argv[1:]))
-    """))
+    wrapper.write_text(cli_with_fault("sft", "clipped_update", 5, signal_self("SIGTERM"),
+                                      rank=1))
     out = tmp_path / "run"
     stopped = train(out, nproc=2, wrapper=str(wrapper))
     assert stopped.returncode != 0

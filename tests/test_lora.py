@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ import torch
 from fastlatent.engine.steps import sft_step
 from fastlatent.model.lora import LoraSettings, add_lora, lora_layers, merge_lora
 from fastlatent.model.reasoner import LatentReasoner
+from fastlatent.testing.cli_faults import cli_with_fault, signal_self
 from fastlatent.testing.naive_steps import naive_sft_step
 from fastlatent.train import main
 
@@ -137,24 +137,6 @@ def test_smoke_end_to_end_with_qlora(tmp_path):
         (out / "sft" / "llm" / "model.safetensors").read_bytes()
 
 
-KILL_AT_SFT_STEP = textwrap.dedent("""
-    import os, signal, sys
-    import fastlatent.sft as sft
-    real = sft.clipped_update
-    calls = 0
-    def update_then_kill(*args, **kwargs):
-        global calls
-        result = real(*args, **kwargs)
-        calls += 1
-        if calls == 5:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return result
-    sft.clipped_update = update_then_kill
-    from fastlatent.train import main
-    sys.exit(main(sys.argv[1:]))
-""")
-
-
 @pytest.mark.slow
 def test_a_killed_lora_sft_resumes_to_the_same_bytes(tmp_path):
     flags = ["--preset", "smoke", "--sft-lora-r", "4", "--sft-limit", "96",
@@ -168,7 +150,8 @@ def test_a_killed_lora_sft_resumes_to_the_same_bytes(tmp_path):
 
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     assert run(reference, "-m", "fastlatent.train").returncode == 0
-    assert run(killed, "-c", KILL_AT_SFT_STEP).returncode == -9
+    assert run(killed, "-c", cli_with_fault("sft", "clipped_update", 5,
+                                             signal_self("SIGKILL"))).returncode == -9
     resumed = subprocess.run([sys.executable, "-m", "fastlatent.train", "--resume",
                               "--output-dir", str(killed)], env=env, capture_output=True,
                              text=True, timeout=600)

@@ -15,9 +15,10 @@ import random
 import signal
 import subprocess
 import sys
-import textwrap
 
 import pytest
+
+from fastlatent.testing.cli_faults import cli_with_fault, signal_self
 
 pytestmark = pytest.mark.slow
 
@@ -26,24 +27,6 @@ FLAGS = ["--preset", "smoke", "--sft-limit", "96", "--sft-batch-size", "32",
          "--sft-micro-batch", "16",
          "--rl-max-steps", "3", "--eval-limit", "6", "--save-every", "2"]
 SFT_STEPS, RL_STEPS = 6, 3
-
-WRAPPER = textwrap.dedent("""
-    import os, signal, sys
-    import fastlatent.{module} as module
-    real = module.{function}
-    calls = 0
-    def call_then_signal(*args, **kwargs):
-        global calls
-        result = real(*args, **kwargs)
-        calls += 1
-        if calls == {at}:
-            os.kill(os.getpid(), signal.{signal})
-        return result
-    module.{function} = call_then_signal
-    from fastlatent.train import main
-    sys.exit(main(sys.argv[1:]))
-""")
-
 
 def train(out, *extra, stage=None, at=None, sig="SIGKILL"):
     """Run the CLI in a subprocess; with ``stage`` ("sft", "rl"), signal ``sig`` right
@@ -56,7 +39,7 @@ def train(out, *extra, stage=None, at=None, sig="SIGKILL"):
     else:
         function = "decode_title" if stage == "eval" else "clipped_update"
         module = "evaluate" if stage == "eval" else stage
-        code = WRAPPER.format(module=module, function=function, at=at, signal=sig)
+        code = cli_with_fault(module, function, at, signal_self(sig))
         cmd = [sys.executable, "-c", code, *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
