@@ -132,9 +132,66 @@ def test_wandb_gets_one_step_axis_per_stage():
     assert handle.finished
 
 
+def wandb_history(run_file):
+    """The history rows of an offline wandb run, read from its ``run-ID.wandb`` file: a
+    7-byte header, then 32 KiB blocks of records (4-byte checksum, 2-byte length, 1-byte
+    kind: 1 whole, 2 first, 3 middle, 4 last piece; a block's last < 7 bytes are padding),
+    each whole record a ``wandb_internal_pb2.Record``; a key holding "/" is stored split
+    into ``nested_key``."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B"
+    block, pos, pieces, rows = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            break
+        pieces += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record.FromString(pieces)
+            pieces = b""
+            if record.WhichOneof("record_type") == "history":
+                items = record.history.item
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in items})
+    return rows
+
+
+def test_real_wandb_holds_the_numbers_of_the_log(tmp_path, monkeypatch):
+    """An offline wandb run (no account, no network) of the smoke preset: every SFT loss
+    and RL reward of log.jsonl is in wandb's own run file, against its stage's step."""
+    pytest.importorskip("wandb")
+    for name, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"),
+                        ("WANDB_DISABLE_GIT", "true"), ("WANDB_CACHE_DIR", str(tmp_path)),
+                        ("WANDB_CONFIG_DIR", str(tmp_path)), ("WANDB_DATA_DIR", str(tmp_path))):
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "run"
+    assert main(["--preset", "smoke", "--output-dir", str(out), "--report-to", "wandb",
+                 "--sft-epochs", "1", "--rl-max-steps", "2", "--eval-limit", "4"]) == 0
+    (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    assert json.loads((out / "run.json").read_text())["run_id"] in run_file.name
+    rows = wandb_history(run_file)
+    records = read_records(out)
+    for stage, field in (("sft", "loss"), ("rl", "reward_r0"), ("rl", "loss")):
+        steps, values = series(records, stage, "step", field)
+        logged = {row[f"{stage}/step"]: row[f"{stage}/{field}"] for row in rows
+                  if f"{stage}/{field}" in row}
+        assert len(steps) > 0 and logged == pytest.approx(dict(zip(steps, values, strict=True)))
+    metrics = json.loads((out / "metrics.json").read_text())
+    (evaluation,) = [row for row in rows if "rl/hr@10" in row]
+    assert evaluation["rl/hr@10"] == pytest.approx(metrics["rl"]["hr@10"])
+
+
 def test_real_trackio_stores_what_the_log_holds(tmp_path, monkeypatch):
-    """Runs only where trackio is installed (not a [dev] dependency): its local store
-    holds the SFT losses of log.jsonl at their steps."""
+    """trackio's local store (no account) holds the SFT losses of log.jsonl at their
+    steps."""
     import sqlite3
 
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "store"))  # read when it is imported
