@@ -132,7 +132,7 @@ def _meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 
 def launches_fused_logprob(model: ModelShape, dtype: torch.dtype) -> list[Launch]:
-    """Forward, combine and both backward kernels over the RL step's target rows."""
+    """Forward, combine and the backward coefficient kernel over the RL step's target rows."""
     from fastlatent.kernels import fused_logprob as kern
     op = importlib.import_module("fastlatent.ops.fused_logprob")
 

@@ -109,7 +109,7 @@ def fused_logprob_torch(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MIN_SPLIT_V = 2048          # fewest vocabulary entries per split of the row-block grid
-_PARTIAL_BYTES = 1 << 28     # cap on the fp32 [splits, N, D] grad-hidden partials
+_COEF_BYTES = 1 << 28        # cap on the backward's [rows, V] coefficient chunk
 
 
 
@@ -144,12 +144,6 @@ def _logit_operand(hidden: torch.Tensor, weight: torch.Tensor) -> str:
         else "float32"
 
 
-def _grad_precision(out_dtype: torch.dtype) -> str:
-    """The fp32 coefficient operand is rounded to TF32 (2^-11) only when the gradient is
-    stored in bf16 (2^-9) anyway."""
-    return "tf32" if out_dtype == torch.bfloat16 else "tf32x3"
-
-
 def _fused_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                        num_splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward. Inputs have unit inner stride. Returns (logp [N] fp32 with 0 at
@@ -182,50 +176,77 @@ def _fused_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     return logp, lse
 
 
+def _coef_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the backward's coefficients c are stored in and its GEMMs run in: bf16
+    when both inputs are bf16 (bf16 has fp32's exponent range, so even the smallest
+    probabilities survive; c is rounded once, 2^-9 relative, like the bf16 gradient it
+    makes), fp32 otherwise (fp16 would flush probabilities below 6e-8 to zero: up to
+    V x 6e-8 of the softmax mass lost)."""
+    low = hidden.dtype == weight.dtype == torch.bfloat16
+    return torch.bfloat16 if low else torch.float32
+
+
+def _row_chunk(n: int, v: int, dtype: torch.dtype) -> int:
+    """Rows per coefficient chunk: [rows, V] coefficients within ``_COEF_BYTES``, a
+    multiple of 128 rows (the largest row tile) when there is room for one."""
+    rows = max(1, _COEF_BYTES // (v * torch.finfo(dtype).bits // 8))
+    return min(n, rows if rows < 128 else rows // 128 * 128)
+
+
 def _fused_logprob_bwd(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                        targets: torch.Tensor, lse: torch.Tensor, num_splits: int | None,
                        need_hidden: bool, need_weight: bool):
-    """Triton backward: (grad_hidden or None, grad_weight or None) in the input dtypes."""
+    """Triton backward: (grad_hidden or None, grad_weight or None) in the input dtypes.
+
+    For each chunk of rows the coefficient kernel writes c [rows, V] (``_coef_dtype``) and
+    two GEMMs apply it: dh[rows] = c W (each row's gradient made whole by one GEMM, fp32
+    accumulation inside it), dW += c^T h[rows] (one chunk: written directly; several:
+    summed in fp32). Traffic per chunk: c written once and read once per GEMM."""
     from fastlatent.kernels import fused_logprob as kern
 
+    del num_splits  # the coefficient grid is already rows x vocabulary tiles
     n, d = hidden.shape
     v = weight.shape[0]
+    dtype = _coef_dtype(hidden, weight)
     g = grad_logp.float().contiguous()
-    args = (hidden, weight, targets, lse, g)
-    strides = (hidden.stride(0), weight.stride(0))
+    w_gemm = weight.to(dtype) if need_hidden else None  # a copy only for fp16 inputs
+    h_gemm = hidden.to(dtype) if need_weight else None
+    grad_h = torch.empty((n, d), dtype=dtype, device=hidden.device) if need_hidden else None
+    grad_w = None
     logit = dict(LOGIT_PRECISION=_logit_precision(hidden, weight),
                  LOGIT_OPERAND=kern.LOGIT_OPERANDS[_logit_operand(hidden, weight)])
-    grad_h = grad_w = None
+    step = _row_chunk(n, v, dtype) if n else 1
+    chunks = range(0, n, step)
+    for start in chunks:
+        rows = slice(start, min(n, start + step))
+        count = rows.stop - rows.start
+        c = _alloc((count, v), hidden.device, dtype)
+
+        def grid(meta, count=count):
+            return (_cdiv(count, meta["BLOCK_N"]), _cdiv(v, meta["BLOCK_V"]))
+
+        kern._fused_logprob_bwd_coef_kernel[grid](
+            hidden[rows], weight, targets[rows], lse[rows], g[rows], c, count, v, d,
+            hidden.stride(0), weight.stride(0), c.stride(0), **logit,
+            ROUND_BY_BITS=interpreting() and dtype == torch.bfloat16)
+        if need_hidden:
+            torch.mm(c, w_gemm, out=grad_h[rows])
+        if need_weight:
+            grad_w = _add_grad_weight(grad_w, c, h_gemm[rows], several=len(chunks) > 1)
     if need_hidden:
-        if n == 0:
-            grad_h = hidden.new_zeros(hidden.shape)
-        else:
-            s = num_splits or _vocab_splits(n, v, hidden.device,
-                                            min(c.kwargs["BLOCK_N"] for c in kern.DH_CONFIGS))
-            s = max(1, min(s, _PARTIAL_BYTES // (4 * n * max(d, 1))))
-            part = _alloc((s, n, d), hidden.device)
-
-            def grid(meta):
-                return (_cdiv(n, meta["BLOCK_N"]), s)
-
-            kern._fused_logprob_bwd_dh_kernel[grid](
-                *args, part, n, v, d, *strides, **logit,
-                GRAD_PRECISION=_grad_precision(hidden.dtype))
-            grad_h = (part[0] if s == 1 else part.sum(0)).to(hidden.dtype)
+        grad_h = grad_h.to(hidden.dtype)
     if need_weight:
-        dw = _alloc((v, d), weight.device)
-
-        def grid_vocab(meta):
-            return (_cdiv(v, meta["BLOCK_V"]),)
-
-        if n == 0:
-            dw.zero_()
-        else:
-            kern._fused_logprob_bwd_dw_kernel[grid_vocab](
-                *args, dw, n, v, d, *strides, **logit,
-                GRAD_PRECISION=_grad_precision(weight.dtype))
-        grad_w = dw.to(weight.dtype)
+        grad_w = weight.new_zeros(weight.shape) if grad_w is None else grad_w.to(weight.dtype)
     return grad_h, grad_w
+
+
+def _add_grad_weight(grad_w: torch.Tensor | None, c: torch.Tensor, h: torch.Tensor,
+                     several: bool) -> torch.Tensor:
+    """dW (+)= c^T h for one chunk of rows; an fp32 sum when there are several chunks."""
+    part = c.T @ h
+    if not several:
+        return part
+    return part.float() if grad_w is None else grad_w.add_(part)
 
 
 class _FusedLogprobFn(torch.autograd.Function):
