@@ -105,7 +105,11 @@ class _Recorder:
             fn = fn.fn
 
         def record(*args, **kwargs):
-            self.sink.append(Launch(self.name, fn, configs, args, kwargs))
+            kept = configs
+            prune = getattr(kernel, "early_config_prune", None)
+            if prune is not None:  # the configs the autotuner would try for these arguments
+                kept = prune(configs, dict(zip(fn.arg_names, args, strict=False)), **kwargs)
+            self.sink.append(Launch(self.name, fn, kept, args, kwargs))
         return record
 
 

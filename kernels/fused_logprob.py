@@ -44,6 +44,8 @@ import os
 import triton
 import triton.language as tl
 
+from .rounding import round_to_bf16
+
 # Tile sizes live here only. One config under the interpreter (autotune with several
 # configs needs a GPU driver); the interpreter is slow, so its tiles are small.
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -96,16 +98,6 @@ def _coef_tile(b_s, b_lse, b_g, b_t, o_v):
     b_p = tl.exp(b_s - b_lse[:, None])
     b_hit = tl.where(o_v[None, :] == b_t[:, None], 1., 0.)
     return b_g[:, None] * (b_hit - b_p)
-
-
-@triton.jit
-def _round_to_bf16(x):
-    """fp32 x rounded to the nearest bf16 (ties to even), still fp32: the interpreter's
-    fp32 -> bf16 conversion truncates (the GPU's rounds to nearest), so under it the
-    coefficients are rounded here first and the conversion that follows is exact."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -206,7 +198,7 @@ def _fused_logprob_bwd_coef_kernel(h, w, t, lse, g, c, N, V, D, stride_hn, strid
     b_s = _logits_tile(h, w, o_n, m_n, o_v, m_v, D, stride_hn, stride_wv,
                            LOGIT_PRECISION, LOGIT_OPERAND, BLOCK_N, BLOCK_V, BLOCK_D)
     b_c = _coef_tile(b_s, b_lse, b_g, b_t, o_v)  # [BN, BV]
-    if ROUND_BY_BITS:
-        b_c = _round_to_bf16(b_c)
+    if ROUND_BY_BITS:  # the interpreter's conversion to bf16 truncates
+        b_c = round_to_bf16(b_c)
     tl.store(c + o_n[:, None].to(tl.int64) * stride_cn + o_v[None, :],
              b_c.to(c.dtype.element_ty), mask=m_n[:, None] & m_v[None, :])

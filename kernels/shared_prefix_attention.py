@@ -28,10 +28,15 @@ kp = p and ks <= S - T + t.
           launch with one group of all R rows (grid (1, Hkv, key blocks)). Every output
           element is owned by one program: no atomics, deterministic.
 
-Dtype policy: every load is converted to fp32 right after ``tl.load`` (the interpreter's
-bf16 arithmetic is wrong); scores, softmax statistics, accumulators and gradients are fp32;
-stores cast to the output buffer's dtype. ``tl.dot`` precision is a constexpr from the
-launcher ("tf32" for bf16 inputs, "tf32x3" otherwise; exact under the interpreter).
+Dtype policy: every ``tl.dot`` accumulates in fp32; scores, softmax statistics and the
+gradient accumulators are fp32; stores cast to the output buffer's dtype. Operands are
+the constexpr OPERAND: with bf16 inputs on the GPU, q, k, v and do enter the dots as
+loaded and p and ds are rounded to bf16 first (FlashAttention's practice: half the
+registers and shared memory of fp32 tiles, twice the TF32 tensor-core rate); with fp32
+and fp16 inputs every operand is fp32 and the precision constexpr is "tf32x3" (fp32
+accuracy). Under the interpreter (whose bf16 arithmetic is wrong) operands are fp32, and
+with bf16 inputs EMULATE_BF16 rounds p and ds to bf16 values by bits
+(``kernels/rounding.py``), so the interpreter multiplies the numbers the GPU does.
 Loop bounds are runtime values (``range`` over ``tl.cdiv``): needs Triton >= 3.7 or
 numpy < 2.4 under the interpreter (see kernels/fused_logprob.py).
 """
@@ -40,6 +45,8 @@ import os
 
 import triton
 import triton.language as tl
+
+from .rounding import dot_operand
 
 # Tile sizes live here only (BLOCK_D is D rounded up to a power of two >= 16, set by the
 # launcher). One config under the interpreter: autotune with several needs a GPU driver.
@@ -50,20 +57,28 @@ else:
         return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps,
                              num_stages=stages)
 
-    # Chosen with benchmarks/compile_check.py (Triton 3.9, bf16, the RL step of SmolLM2
-    # (D = 64) and Qwen2.5-1.5B (D = 128), sm_80 and sm_90; benchmarks/RESULTS.md). The
-    # first FlashAttention-2 guesses spilled (64x64 and 128x64 tiles: 28-708 B) and the
-    # 128x64/8-warp tiles needed 256 KiB of shared memory on sm_90 (limit 227 KiB). Kept:
-    # the forward and dq tiles that compile without spills for both models on both
-    # targets. dk/dv holds k, v, dk and dv tiles at once: at D = 64 the 64x32 tiles are
-    # spill-free; at D = 128 every tile tried spills (32x64/8 warps: 0 B on sm_90 for the
-    # prompt keys, 120 B on sm_80; up to ~1.8 KB for the suffix keys) -- removing that
-    # needs a kernel change (bf16 dot operands or dk and dv in two passes), still open.
-    # With Triton 3.6 (the GPU image's) the dq tiles spill 8 B at D = 128 (one at 700 B
-    # on sm_90), recorded in RESULTS.
+    # Chosen with benchmarks/compile_check.py (Triton 3.9 and 3.6, bf16, the RL step of
+    # SmolLM2 (D = 64) and Qwen2.5-1.5B (D = 128), sm_80 and sm_90; benchmarks/RESULTS.md).
+    # The first FlashAttention-2 guesses spilled (64x64 and 128x64 tiles: 28-708 B) and
+    # the 128x64/8-warp tiles needed 256 KiB of shared memory on sm_90. Kept: the tiles
+    # that compile without spills for both targets. dk/dv holds k, v, dk and dv tiles at
+    # once; with bf16 dot operands its 64x32 tiles are spill-free at D = 64, and at
+    # D = 128 (where every 64-query tile spills on sm_90, 88-2400 B) only 32x32/4 warps
+    # is under both Triton versions (16x32 spills 24 B on sm_80 with 3.6):
+    # ``_dkdv_tiles`` offers each head dim its own. dq: 32x32/3 stages spills 8 B on
+    # sm_90 with 3.6 and 64x16 16 B on sm_80 with 3.9, so one tile is left.
     FWD_CONFIGS = [_tile(32, 64, 4, 2)]  # 64x32 spills 32 B on sm_80 with Triton 3.6
-    DQ_CONFIGS = [_tile(32, 32, 4, 2), _tile(32, 32, 4, 3), _tile(64, 16, 4, 2)]
-    DKDV_CONFIGS = [_tile(64, 32, 4, 2), _tile(64, 32, 8, 2), _tile(32, 64, 8, 2)]
+    DQ_CONFIGS = [_tile(32, 32, 4, 2)]
+    DKDV_CONFIGS = [_tile(64, 32, 4, 2), _tile(64, 32, 8, 2),  # D <= 64
+                    _tile(32, 32, 4, 2)]  # D > 64
+
+
+def _dkdv_tiles(configs, named_args, **kwargs):
+    """Autotune pruning: the dk/dv tiles kept for the call's head dim (all of them under
+    the interpreter, which has one)."""
+    wide = named_args["D"] > 64
+    kept = [c for c in configs if (c.kwargs.get("BLOCK_M", 0) < 64) == wide]
+    return kept or configs
 
 
 @triton.jit
@@ -76,17 +91,19 @@ def _query_coords(o_m, i_g, i_h, P, NREP, T):
 
 
 @triton.jit
-def _load_queries(x, q_row, q_head, q_t, stride_0, stride_1, stride_2, o_d, m_md):
-    """[BM, BD] fp32 tile of a [R, H, T, D] tensor with unit inner stride."""
+def _load_queries(x, q_row, q_head, q_t, stride_0, stride_1, stride_2, o_d, m_md,
+                  OPERAND: tl.constexpr):
+    """[BM, BD] tile (as OPERAND) of a [R, H, T, D] tensor with unit inner stride."""
     p_x = x + q_row[:, None] * stride_0 + q_head[:, None] * stride_1 + q_t[:, None] * stride_2
-    return tl.load(p_x + o_d[None, :], mask=m_md, other=0.).to(tl.float32)
+    return tl.load(p_x + o_d[None, :], mask=m_md, other=0.).to(OPERAND)
 
 
 @triton.jit
 def _load_keys(k, v, ok, row0, o_n, n_hi, NK, stride_k0, stride_k2, stride_v0, stride_v2,
-               o_d, m_d):
+               o_d, m_d, OPERAND: tl.constexpr):
     """Keys o_n of the flattened (key row, slot) axis, key rows from row0; k, v already
-    offset to the kv head. Returns k, v [BN, BD] fp32, real-slot mask [BN], kp, ks."""
+    offset to the kv head. Returns k, v [BN, BD] (as OPERAND), real-slot mask [BN], kp,
+    ks."""
     m_n = o_n < n_hi
     kp = o_n // NK
     ks = o_n % NK
@@ -94,14 +111,15 @@ def _load_keys(k, v, ok, row0, o_n, n_hi, NK, stride_k0, stride_k2, stride_v0, s
     b_ok = (tl.load(ok + row * NK + ks, mask=m_n, other=0) != 0) & m_n
     m_nd = m_n[:, None] & m_d[None, :]
     b_k = tl.load(k + row[:, None] * stride_k0 + ks[:, None] * stride_k2 + o_d[None, :],
-                  mask=m_nd, other=0.).to(tl.float32)
+                  mask=m_nd, other=0.).to(OPERAND)
     b_v = tl.load(v + row[:, None] * stride_v0 + ks[:, None] * stride_v2 + o_d[None, :],
-                  mask=m_nd, other=0.).to(tl.float32)
+                  mask=m_nd, other=0.).to(OPERAND)
     return b_k, b_v, b_ok, kp, ks
 
 
 @triton.jit
-def _online_step(b_q, b_k, b_v, b_allow, b_m, b_l, b_acc, scale, PRECISION: tl.constexpr):
+def _online_step(b_q, b_k, b_v, b_allow, b_m, b_l, b_acc, scale, PRECISION: tl.constexpr,
+                 OPERAND: tl.constexpr, EMULATE_BF16: tl.constexpr):
     """One key tile of the online softmax; -inf-safe for rows with no key so far."""
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale  # [BM, BN]
     b_s = tl.where(b_allow, b_s, float("-inf"))
@@ -110,7 +128,8 @@ def _online_step(b_q, b_k, b_v, b_allow, b_m, b_l, b_acc, scale, PRECISION: tl.c
     b_alpha = tl.exp(b_m - b_ref)
     b_p = tl.exp(b_s - b_ref[:, None])
     b_l = b_l * b_alpha + tl.sum(b_p, 1)
-    b_acc = tl.dot(b_p, b_v, b_acc * b_alpha[:, None], input_precision=PRECISION)
+    b_acc = tl.dot(dot_operand(b_p, OPERAND, EMULATE_BF16), b_v, b_acc * b_alpha[:, None],
+                   input_precision=PRECISION)
     return b_mn, b_l, b_acc
 
 
@@ -124,17 +143,18 @@ def _suffix_allow(b_ok, kp, ks, q_p, q_t, S, T):
 @triton.jit
 def _softmax_over_key_row(b_q, k, v, ok, row, n_keys, stride_k0, stride_k2, stride_v0,
                           stride_v2, o_d, m_d, m_m, b_m, b_l, b_acc, scale,
-                          PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                          PRECISION: tl.constexpr, OPERAND: tl.constexpr,
+                          EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online softmax over one key row that every query of the block sees (its real
     slots): the common keys (row 0) or the group's prompt (row g); k, v already offset to
     the kv head."""
     for i_n in range(0, tl.cdiv(n_keys, BLOCK_N)):
         o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
         b_k, b_v, b_ok, kp, ks = _load_keys(k, v, ok, row, o_n, n_keys, n_keys, stride_k0,
-                                            stride_k2, stride_v0, stride_v2, o_d, m_d)
+                                            stride_k2, stride_v0, stride_v2, o_d, m_d, OPERAND)
         b_allow = b_ok[None, :] & m_m[:, None]
         b_m, b_l, b_acc = _online_step(b_q, b_k, b_v, b_allow, b_m, b_l, b_acc, scale,
-                                       PRECISION)
+                                       PRECISION, OPERAND, EMULATE_BF16)
     return b_m, b_l, b_acc
 
 
@@ -146,8 +166,8 @@ def _shared_prefix_attention_fwd_kernel(
         stride_v0, stride_v1, stride_v2, stride_pk0, stride_pk1, stride_pk2,
         stride_pv0, stride_pv1, stride_pv2, stride_ck1, stride_ck2, stride_cv1, stride_cv2,
         stride_o0, stride_o1, stride_o2, M_BUCKET,
-        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr):
+        PRECISION: tl.constexpr, OPERAND: tl.constexpr, EMULATE_BF16: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (G, Hkv, query blocks). Writes out [R, H, T, D] and lse [R, H, T] (fp32,
     contiguous) for the block's queries."""
     i_g = tl.program_id(0).to(tl.int64)
@@ -159,7 +179,7 @@ def _shared_prefix_attention_fwd_kernel(
     m_d = o_d < D
     m_md = m_m[:, None] & m_d[None, :]
     q_p, q_row, q_head, q_t = _query_coords(o_m, i_g, i_h, P, NREP, T)
-    b_q = _load_queries(q, q_row, q_head, q_t, stride_q0, stride_q1, stride_q2, o_d, m_md)
+    b_q = _load_queries(q, q_row, q_head, q_t, stride_q0, stride_q1, stride_q2, o_d, m_md, OPERAND)
 
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -167,12 +187,13 @@ def _shared_prefix_attention_fwd_kernel(
     # common keys (C = 0: none): one key row for the whole batch, all real
     b_m, b_l, b_acc = _softmax_over_key_row(
         b_q, ck + i_h * stride_ck1, cv + i_h * stride_cv1, cm, 0, C, 0, stride_ck2, 0,
-        stride_cv2, o_d, m_d, m_m, b_m, b_l, b_acc, scale, PRECISION, BLOCK_N)
+        stride_cv2, o_d, m_d, m_m, b_m, b_l, b_acc, scale, PRECISION, OPERAND,
+        EMULATE_BF16, BLOCK_N)
     # prompt: one key row (the group's), every query of the block sees every real slot
     b_m, b_l, b_acc = _softmax_over_key_row(
         b_q, pk + i_h * stride_pk1, pv + i_h * stride_pv1, pm, i_g, L, stride_pk0,
         stride_pk2, stride_pv0, stride_pv2, o_d, m_d, m_m, b_m, b_l, b_acc, scale, PRECISION,
-        BLOCK_N)
+        OPERAND, EMULATE_BF16, BLOCK_N)
     # suffix: the key rows of the block's query rows, flattened (row, slot)
     p_lo = (i_m * BLOCK_M) // (NREP * T)
     p_hi = tl.minimum((i_m * BLOCK_M + BLOCK_M - 1) // (NREP * T), P - 1) + 1
@@ -182,10 +203,10 @@ def _shared_prefix_attention_fwd_kernel(
         o_n = n_lo + i_n * BLOCK_N + tl.arange(0, BLOCK_N)
         b_k, b_v, b_ok, kp, ks = _load_keys(k + i_h * stride_k1, v + i_h * stride_v1, sv,
                                             i_g * P, o_n, n_hi, S, stride_k0, stride_k2,
-                                            stride_v0, stride_v2, o_d, m_d)
+                                            stride_v0, stride_v2, o_d, m_d, OPERAND)
         b_allow = _suffix_allow(b_ok, kp, ks, q_p, q_t, S, T) & m_m[:, None]
         b_m, b_l, b_acc = _online_step(b_q, b_k, b_v, b_allow, b_m, b_l, b_acc, scale,
-                                       PRECISION)
+                                       PRECISION, OPERAND, EMULATE_BF16)
 
     b_seen = b_l > 0
     b_out = b_acc / tl.where(b_seen, b_l, 1.)[:, None]
@@ -218,17 +239,19 @@ def _load_query_stats(lse, delta, q_row, q_head, q_t, H, T, m_m):
 @triton.jit
 def _dq_over_key_row(b_q, b_do, b_lse, b_delta, k, v, ok, row, n_keys, stride_k0, stride_k2,
                      stride_v0, stride_v2, o_d, m_d, m_m, b_dq, scale,
-                     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                     PRECISION: tl.constexpr, OPERAND: tl.constexpr,
+                     EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr):
     """dq's share [BM, BD] (unscaled) from one key row every query of the block sees (the
     common keys or the group's prompt), added to b_dq."""
     for i_n in range(0, tl.cdiv(n_keys, BLOCK_N)):
         o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
         b_k, b_v, b_ok, kp, ks = _load_keys(k, v, ok, row, o_n, n_keys, n_keys, stride_k0,
-                                            stride_k2, stride_v0, stride_v2, o_d, m_d)
+                                            stride_k2, stride_v0, stride_v2, o_d, m_d, OPERAND)
         b_allow = b_ok[None, :] & m_m[:, None]
         b_p, b_ds = _probs_and_dscores(b_q, b_do, b_lse, b_delta, b_k, b_v, b_allow, scale,
                                        PRECISION)
-        b_dq = tl.dot(b_ds, b_k, b_dq, input_precision=PRECISION)
+        b_dq = tl.dot(dot_operand(b_ds, OPERAND, EMULATE_BF16), b_k, b_dq,
+                      input_precision=PRECISION)
     return b_dq
 
 
@@ -240,8 +263,8 @@ def _shared_prefix_attention_bwd_dq_kernel(
         stride_v0, stride_v1, stride_v2, stride_pk0, stride_pk1, stride_pk2,
         stride_pv0, stride_pv1, stride_pv2, stride_ck1, stride_ck2, stride_cv1, stride_cv2,
         stride_o0, stride_o1, stride_o2, M_BUCKET,
-        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr):
+        PRECISION: tl.constexpr, OPERAND: tl.constexpr, EMULATE_BF16: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (G, Hkv, query blocks). dq [R, H, T, D] (strides of do) for the block."""
     i_g = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
@@ -252,19 +275,22 @@ def _shared_prefix_attention_bwd_dq_kernel(
     m_d = o_d < D
     m_md = m_m[:, None] & m_d[None, :]
     q_p, q_row, q_head, q_t = _query_coords(o_m, i_g, i_h, P, NREP, T)
-    b_q = _load_queries(q, q_row, q_head, q_t, stride_q0, stride_q1, stride_q2, o_d, m_md)
-    b_do = _load_queries(do, q_row, q_head, q_t, stride_o0, stride_o1, stride_o2, o_d, m_md)
+    b_q = _load_queries(q, q_row, q_head, q_t, stride_q0, stride_q1, stride_q2, o_d, m_md,
+                        OPERAND)
+    b_do = _load_queries(do, q_row, q_head, q_t, stride_o0, stride_o1, stride_o2, o_d, m_md,
+                         OPERAND)
     b_lse, b_delta = _load_query_stats(lse, delta, q_row, q_head, q_t,
                                        NREP * tl.num_programs(1), T, m_m)
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     b_dq = _dq_over_key_row(b_q, b_do, b_lse, b_delta, ck + i_h * stride_ck1,
                             cv + i_h * stride_cv1, cm, 0, C, 0, stride_ck2, 0, stride_cv2, o_d,
-                            m_d, m_m, b_dq, scale, PRECISION, BLOCK_N)
+                            m_d, m_m, b_dq, scale, PRECISION, OPERAND,
+                            EMULATE_BF16, BLOCK_N)
     b_dq = _dq_over_key_row(b_q, b_do, b_lse, b_delta, pk + i_h * stride_pk1,
                             pv + i_h * stride_pv1, pm, i_g, L, stride_pk0, stride_pk2,
                             stride_pv0, stride_pv2, o_d, m_d, m_m, b_dq, scale, PRECISION,
-                            BLOCK_N)
+                            OPERAND, EMULATE_BF16, BLOCK_N)
     p_lo = (i_m * BLOCK_M) // (NREP * T)
     p_hi = tl.minimum((i_m * BLOCK_M + BLOCK_M - 1) // (NREP * T), P - 1) + 1
     n_lo = p_lo * S
@@ -273,24 +299,27 @@ def _shared_prefix_attention_bwd_dq_kernel(
         o_n = n_lo + i_n * BLOCK_N + tl.arange(0, BLOCK_N)
         b_k, b_v, b_ok, kp, ks = _load_keys(k + i_h * stride_k1, v + i_h * stride_v1, sv,
                                             i_g * P, o_n, n_hi, S, stride_k0, stride_k2,
-                                            stride_v0, stride_v2, o_d, m_d)
+                                            stride_v0, stride_v2, o_d, m_d, OPERAND)
         b_allow = _suffix_allow(b_ok, kp, ks, q_p, q_t, S, T) & m_m[:, None]
         b_p, b_ds = _probs_and_dscores(b_q, b_do, b_lse, b_delta, b_k, b_v, b_allow, scale,
                                        PRECISION)
-        b_dq = tl.dot(b_ds, b_k, b_dq, input_precision=PRECISION)
+        b_dq = tl.dot(dot_operand(b_ds, OPERAND, EMULATE_BF16), b_k, b_dq,
+                      input_precision=PRECISION)
 
     p_dq = dq + q_row[:, None] * stride_o0 + q_head[:, None] * stride_o1 + q_t[:, None] * stride_o2
     tl.store(p_dq + o_d[None, :], b_dq * scale, mask=m_md)
 
 
-@triton.autotune(configs=DKDV_CONFIGS, key=["M_BUCKET", "KEYS_BUCKET", "D", "SUFFIX"])
+@triton.autotune(configs=DKDV_CONFIGS, key=["M_BUCKET", "KEYS_BUCKET", "D", "SUFFIX"],
+                 prune_configs_by={"early_config_prune": _dkdv_tiles})
 @triton.jit
 def _shared_prefix_attention_bwd_dkdv_kernel(
         q, k, v, ok, do, lse, delta, dk, dv, scale, P, NREP, T, S, NK, KP, D, M,
         stride_q0, stride_q1, stride_q2, stride_k0, stride_k1, stride_k2,
         stride_v0, stride_v1, stride_v2, stride_o0, stride_o1, stride_o2, M_BUCKET,
-        KEYS_BUCKET, SUFFIX: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        KEYS_BUCKET, SUFFIX: tl.constexpr, PRECISION: tl.constexpr, OPERAND: tl.constexpr,
+        EMULATE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr):
     """Grid (G, Hkv, key blocks over KP * NK keys of the group). Prompt keys (SUFFIX
     False: KP = 1, NK = L) take every query of the group; suffix keys (KP = P, NK = S)
     the queries of their own rows. dk, dv: contiguous [G * KP, Hkv, NK, D]."""
@@ -303,7 +332,7 @@ def _shared_prefix_attention_bwd_dkdv_kernel(
     m_d = o_d < D
     b_k, b_v, b_ok, kp, ks = _load_keys(k + i_h * stride_k1, v + i_h * stride_v1, ok,
                                         i_g * KP, o_n, n_hi, NK, stride_k0, stride_k2,
-                                        stride_v0, stride_v2, o_d, m_d)
+                                        stride_v0, stride_v2, o_d, m_d, OPERAND)
     H = NREP * tl.num_programs(1)
     if SUFFIX:
         kp_lo = (i_n * BLOCK_N) // NK
@@ -321,9 +350,10 @@ def _shared_prefix_attention_bwd_dkdv_kernel(
         m_m = o_m < m_hi
         m_md = m_m[:, None] & m_d[None, :]
         q_p, q_row, q_head, q_t = _query_coords(o_m, i_g, i_h, P, NREP, T)
-        b_q = _load_queries(q, q_row, q_head, q_t, stride_q0, stride_q1, stride_q2, o_d, m_md)
+        b_q = _load_queries(q, q_row, q_head, q_t, stride_q0, stride_q1, stride_q2, o_d, m_md,
+                            OPERAND)
         b_do = _load_queries(do, q_row, q_head, q_t, stride_o0, stride_o1, stride_o2, o_d,
-                             m_md)
+                             m_md, OPERAND)
         b_lse, b_delta = _load_query_stats(lse, delta, q_row, q_head, q_t, H, T, m_m)
         if SUFFIX:
             b_allow = _suffix_allow(b_ok, kp, ks, q_p, q_t, S, T) & m_m[:, None]
@@ -331,8 +361,10 @@ def _shared_prefix_attention_bwd_dkdv_kernel(
             b_allow = b_ok[None, :] & m_m[:, None]
         b_p, b_ds = _probs_and_dscores(b_q, b_do, b_lse, b_delta, b_k, b_v, b_allow, scale,
                                        PRECISION)
-        b_dv = tl.dot(tl.trans(b_p), b_do, b_dv, input_precision=PRECISION)
-        b_dk = tl.dot(tl.trans(b_ds), b_q, b_dk, input_precision=PRECISION)
+        b_dv = tl.dot(tl.trans(dot_operand(b_p, OPERAND, EMULATE_BF16)), b_do, b_dv,
+                      input_precision=PRECISION)
+        b_dk = tl.dot(tl.trans(dot_operand(b_ds, OPERAND, EMULATE_BF16)), b_q, b_dk,
+                      input_precision=PRECISION)
 
     m_nd = (o_n < n_hi)[:, None] & m_d[None, :]
     o_kv = (((i_g * KP + kp) * tl.num_programs(1) + i_h) * NK + ks)[:, None] * D + o_d[None, :]

@@ -103,8 +103,12 @@ def _sampled_cases():
                                   [torch.float32, torch.float16]))
     picked = [(3, 4, 5, 3, 3, 6, torch.float32), (1, 1, 1, 0, 1, 8, torch.float16)]
     picked += random.Random(0).sample([c for c in grid if c not in picked], 24)
+    # bf16: the dots take bf16 operands (p and ds rounded to bf16), emulated under the
+    # interpreter by rounding to bf16 values
+    picked += [(3, 4, 5, 3, 3, 6, torch.bfloat16), (1, 4, 1, 0, 1, 8, torch.bfloat16)]
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
     return [pytest.param(*c, id=f"G{c[0]}-P{c[1]}-T{c[2]}-S{c[2] + c[3]}-rep{c[4]}-D{c[5]}-"
-                         f"{'fp32' if c[6] == torch.float32 else 'fp16'}") for c in picked]
+                         f"{names[c[6]]}") for c in picked]
 
 
 def check_against_torch_and_oracle(inputs, names, dtype, poisoned, buffers):
@@ -155,7 +159,8 @@ COMMON_NAMES = GRAD_NAMES + ("common_k", "common_v")
     (3, 4, 5, 3, 3, 6, torch.float32, 5),
     (1, 1, 1, 0, 1, 8, torch.float16, 1),
     (2, 3, 4, 2, 2, 8, torch.float32, 37),  # common keys over several tiles
-], ids=["G3-P4-C5-fp32", "G1-P1-C1-fp16", "G2-P3-C37-fp32"])
+    (2, 3, 4, 2, 2, 8, torch.bfloat16, 37),
+], ids=["G3-P4-C5-fp32", "G1-P1-C1-fp16", "G2-P3-C37-fp32", "G2-P3-C37-bf16"])
 def test_common_keys_match_torch_and_oracle(g, rows_per_group, t, cached, n_rep, d, dtype,
                                             common, poisoned):
     """The third level: keys common to every group, seen by every query first."""
