@@ -37,8 +37,10 @@ and fp16 inputs every operand is fp32 and the precision constexpr is "tf32x3" (f
 accuracy). Under the interpreter (whose bf16 arithmetic is wrong) operands are fp32, and
 with bf16 inputs EMULATE_BF16 rounds p and ds to bf16 values by bits
 (``kernels/rounding.py``), so the interpreter multiplies the numbers the GPU does.
-Loop bounds are runtime values (``range`` over ``tl.cdiv``): needs Triton >= 3.7 or
-numpy < 2.4 under the interpreter (see kernels/fused_logprob.py).
+Indices: program ids, query/key positions and their ``//`` and ``%`` are int32 (64-bit
+division is emulated on the GPU); a row index is widened to int64 once, where it
+multiplies a stride. Loop bounds are runtime values (``range`` over ``tl.cdiv``): needs
+Triton >= 3.7 or numpy < 2.4 under the interpreter (see kernels/fused_logprob.py).
 """
 
 import os
@@ -62,23 +64,25 @@ else:
     # The first FlashAttention-2 guesses spilled (64x64 and 128x64 tiles: 28-708 B) and
     # the 128x64/8-warp tiles needed 256 KiB of shared memory on sm_90. Kept: the tiles
     # that compile without spills for both targets. dk/dv holds k, v, dk and dv tiles at
-    # once; with bf16 dot operands its 64x32 tiles are spill-free at D = 64, and at
-    # D = 128 (where every 64-query tile spills on sm_90, 88-2400 B) only 32x32/4 warps
-    # is under both Triton versions (16x32 spills 24 B on sm_80 with 3.6):
-    # ``_dkdv_tiles`` offers each head dim its own. dq: 32x32/3 stages spills 8 B on
-    # sm_90 with 3.6 and 64x16 16 B on sm_80 with 3.9, so one tile is left.
+    # once; with bf16 dot operands and int32 indices these compile spill-free for both
+    # targets under Triton 3.9 and 3.6: at D = 64 three tiles (64x32/8 warps/3 stages,
+    # 64x16/4, 32x32/8; 64x32 at 4 warps or 2 stages spilled 16-84 B), at D = 128 only
+    # 32x32/4 (every 64-query tile spills on sm_90, 88-2400 B; 16x32 24 B on sm_80 with
+    # 3.6). ``_dkdv_tiles`` offers each head dim its own. dq: 32x32/3 stages spilled 8 B
+    # on sm_90 with 3.6 and 64x16 16 B on sm_80 with 3.9, so one tile is left.
     FWD_CONFIGS = [_tile(32, 64, 4, 2)]  # 64x32 spills 32 B on sm_80 with Triton 3.6
     DQ_CONFIGS = [_tile(32, 32, 4, 2)]
-    DKDV_CONFIGS = [_tile(64, 32, 4, 2), _tile(64, 32, 8, 2),  # D <= 64
+    DKDV_CONFIGS = [_tile(64, 32, 8, 3), _tile(64, 16, 4, 2), _tile(32, 32, 8, 2),  # D <= 64
                     _tile(32, 32, 4, 2)]  # D > 64
+_WIDE_DKDV = 3  # DKDV_CONFIGS[_WIDE_DKDV:] are the head-dim-128 tiles
 
 
 def _dkdv_tiles(configs, named_args, **kwargs):
     """Autotune pruning: the dk/dv tiles kept for the call's head dim (all of them under
     the interpreter, which has one)."""
-    wide = named_args["D"] > 64
-    kept = [c for c in configs if (c.kwargs.get("BLOCK_M", 0) < 64) == wide]
-    return kept or configs
+    if len(configs) <= _WIDE_DKDV:
+        return configs
+    return configs[_WIDE_DKDV:] if named_args["D"] > 64 else configs[:_WIDE_DKDV]
 
 
 @triton.jit
@@ -94,7 +98,8 @@ def _query_coords(o_m, i_g, i_h, P, NREP, T):
 def _load_queries(x, q_row, q_head, q_t, stride_0, stride_1, stride_2, o_d, m_md,
                   OPERAND: tl.constexpr):
     """[BM, BD] tile (as OPERAND) of a [R, H, T, D] tensor with unit inner stride."""
-    p_x = x + q_row[:, None] * stride_0 + q_head[:, None] * stride_1 + q_t[:, None] * stride_2
+    p_x = (x + q_row[:, None].to(tl.int64) * stride_0 + q_head[:, None] * stride_1
+           + q_t[:, None] * stride_2)
     return tl.load(p_x + o_d[None, :], mask=m_md, other=0.).to(OPERAND)
 
 
@@ -108,11 +113,12 @@ def _load_keys(k, v, ok, row0, o_n, n_hi, NK, stride_k0, stride_k2, stride_v0, s
     kp = o_n // NK
     ks = o_n % NK
     row = row0 + kp
-    b_ok = (tl.load(ok + row * NK + ks, mask=m_n, other=0) != 0) & m_n
+    b_ok = (tl.load(ok + row.to(tl.int64) * NK + ks, mask=m_n, other=0) != 0) & m_n
     m_nd = m_n[:, None] & m_d[None, :]
-    b_k = tl.load(k + row[:, None] * stride_k0 + ks[:, None] * stride_k2 + o_d[None, :],
+    r_n = row[:, None].to(tl.int64)
+    b_k = tl.load(k + r_n * stride_k0 + ks[:, None] * stride_k2 + o_d[None, :],
                   mask=m_nd, other=0.).to(OPERAND)
-    b_v = tl.load(v + row[:, None] * stride_v0 + ks[:, None] * stride_v2 + o_d[None, :],
+    b_v = tl.load(v + r_n * stride_v0 + ks[:, None] * stride_v2 + o_d[None, :],
                   mask=m_nd, other=0.).to(OPERAND)
     return b_k, b_v, b_ok, kp, ks
 
@@ -170,9 +176,9 @@ def _shared_prefix_attention_fwd_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (G, Hkv, query blocks). Writes out [R, H, T, D] and lse [R, H, T] (fp32,
     contiguous) for the block's queries."""
-    i_g = tl.program_id(0).to(tl.int64)
-    i_h = tl.program_id(1).to(tl.int64)
-    i_m = tl.program_id(2).to(tl.int64)
+    i_g = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_m = tl.program_id(2)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < M
     o_d = tl.arange(0, BLOCK_D)
@@ -211,9 +217,11 @@ def _shared_prefix_attention_fwd_kernel(
     b_seen = b_l > 0
     b_out = b_acc / tl.where(b_seen, b_l, 1.)[:, None]
     b_lse = tl.where(b_seen, b_m + tl.log(tl.where(b_seen, b_l, 1.)), float("-inf"))
-    p_o = o + q_row[:, None] * stride_o0 + q_head[:, None] * stride_o1 + q_t[:, None] * stride_o2
+    p_o = (o + q_row[:, None].to(tl.int64) * stride_o0 + q_head[:, None] * stride_o1
+           + q_t[:, None] * stride_o2)
     tl.store(p_o + o_d[None, :], b_out, mask=m_md)
-    tl.store(lse + (q_row * (NREP * tl.num_programs(1)) + q_head) * T + q_t, b_lse, mask=m_m)
+    tl.store(lse + (q_row.to(tl.int64) * (NREP * tl.num_programs(1)) + q_head) * T + q_t, b_lse,
+             mask=m_m)
 
 
 @triton.jit
@@ -229,7 +237,7 @@ def _probs_and_dscores(b_q, b_do, b_lse, b_delta, b_k, b_v, b_allow, scale,
 @triton.jit
 def _load_query_stats(lse, delta, q_row, q_head, q_t, H, T, m_m):
     """lse (-inf -> 0: such queries see no key, p = 0 by the mask) and delta [BM]."""
-    o_s = (q_row * H + q_head) * T + q_t
+    o_s = (q_row.to(tl.int64) * H + q_head) * T + q_t
     b_lse = tl.load(lse + o_s, mask=m_m, other=0.)
     b_lse = tl.where(b_lse == float("-inf"), 0., b_lse)
     b_delta = tl.load(delta + o_s, mask=m_m, other=0.)
@@ -266,9 +274,9 @@ def _shared_prefix_attention_bwd_dq_kernel(
         PRECISION: tl.constexpr, OPERAND: tl.constexpr, EMULATE_BF16: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (G, Hkv, query blocks). dq [R, H, T, D] (strides of do) for the block."""
-    i_g = tl.program_id(0).to(tl.int64)
-    i_h = tl.program_id(1).to(tl.int64)
-    i_m = tl.program_id(2).to(tl.int64)
+    i_g = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_m = tl.program_id(2)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < M
     o_d = tl.arange(0, BLOCK_D)
@@ -306,7 +314,8 @@ def _shared_prefix_attention_bwd_dq_kernel(
         b_dq = tl.dot(dot_operand(b_ds, OPERAND, EMULATE_BF16), b_k, b_dq,
                       input_precision=PRECISION)
 
-    p_dq = dq + q_row[:, None] * stride_o0 + q_head[:, None] * stride_o1 + q_t[:, None] * stride_o2
+    p_dq = (dq + q_row[:, None].to(tl.int64) * stride_o0 + q_head[:, None] * stride_o1
+            + q_t[:, None] * stride_o2)
     tl.store(p_dq + o_d[None, :], b_dq * scale, mask=m_md)
 
 
@@ -323,9 +332,9 @@ def _shared_prefix_attention_bwd_dkdv_kernel(
     """Grid (G, Hkv, key blocks over KP * NK keys of the group). Prompt keys (SUFFIX
     False: KP = 1, NK = L) take every query of the group; suffix keys (KP = P, NK = S)
     the queries of their own rows. dk, dv: contiguous [G * KP, Hkv, NK, D]."""
-    i_g = tl.program_id(0).to(tl.int64)
-    i_h = tl.program_id(1).to(tl.int64)
-    i_n = tl.program_id(2).to(tl.int64)
+    i_g = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_n = tl.program_id(2)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_hi = KP * NK
     o_d = tl.arange(0, BLOCK_D)
@@ -367,6 +376,7 @@ def _shared_prefix_attention_bwd_dkdv_kernel(
                       input_precision=PRECISION)
 
     m_nd = (o_n < n_hi)[:, None] & m_d[None, :]
-    o_kv = (((i_g * KP + kp) * tl.num_programs(1) + i_h) * NK + ks)[:, None] * D + o_d[None, :]
+    o_kv = ((((i_g * KP + kp).to(tl.int64) * tl.num_programs(1) + i_h) * NK + ks)[:, None] * D
+            + o_d[None, :])
     tl.store(dk + o_kv, b_dk * scale, mask=m_nd)
     tl.store(dv + o_kv, b_dv, mask=m_nd)
