@@ -1,10 +1,12 @@
 """Rounding helpers shared by the Triton kernels (device code only).
 
-bf16 inputs feed ``tl.dot`` in bf16 on the GPU; intermediate fp32 tiles that become dot
-operands (attention probabilities, score gradients, log-prob coefficients) are rounded
-to bf16 there by ``.to(tl.bfloat16)``, which rounds to nearest even. The interpreter's
-fp32 -> bf16 conversion truncates instead, so under it the kernels round by bit
-arithmetic and keep fp32 tiles holding bf16 values: the same numbers the GPU multiplies.
+bf16/fp16 inputs feed ``tl.dot`` in their own dtype on the GPU; intermediate fp32 tiles
+that become dot operands (attention probabilities, score gradients, log-prob
+coefficients) are rounded there by ``.to(tl.bfloat16)`` / ``.to(tl.float16)``, which
+round to nearest even. Under the interpreter (whose bf16 arithmetic is wrong) the
+operands stay fp32 tiles holding the rounded values, the same numbers the GPU
+multiplies: fp16 through the interpreter's own conversion (numpy's, correct), bf16 by
+bit arithmetic, because the interpreter's fp32 -> bf16 conversion truncates.
 """
 
 import triton
@@ -20,11 +22,13 @@ def round_to_bf16(x):
 
 
 @triton.jit
-def dot_operand(x, OPERAND: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    """fp32 tile x as a ``tl.dot`` operand: ``x.to(OPERAND)`` (bf16 on the GPU for bf16
-    inputs, else fp32), or under the interpreter with bf16 inputs, x rounded to bf16
-    values kept in fp32."""
-    if EMULATE_BF16:
+def dot_operand(x, OPERAND: tl.constexpr, ROUND_TO: tl.constexpr):
+    """fp32 tile x as a ``tl.dot`` operand: ``x.to(OPERAND)`` (the inputs' bf16/fp16 on
+    the GPU, else fp32); under the interpreter ROUND_TO ("bf16" | "fp16" | "") names the
+    inputs' dtype and x comes back rounded to it, still fp32."""
+    if ROUND_TO == "bf16":
         return round_to_bf16(x)
+    elif ROUND_TO == "fp16":
+        return x.to(tl.float16).to(tl.float32)
     else:
         return x.to(OPERAND)

@@ -30,13 +30,13 @@ kp = p and ks <= S - T + t.
 
 Dtype policy: every ``tl.dot`` accumulates in fp32; scores, softmax statistics and the
 gradient accumulators are fp32; stores cast to the output buffer's dtype. Operands are
-the constexpr OPERAND: with bf16 inputs on the GPU, q, k, v and do enter the dots as
-loaded and p and ds are rounded to bf16 first (FlashAttention's practice: half the
+the constexpr OPERAND: with bf16/fp16 inputs on the GPU, q, k, v and do enter the dots as
+loaded and p and ds are rounded to that dtype first (FlashAttention's practice: half the
 registers and shared memory of fp32 tiles, twice the TF32 tensor-core rate); with fp32
-and fp16 inputs every operand is fp32 and the precision constexpr is "tf32x3" (fp32
-accuracy). Under the interpreter (whose bf16 arithmetic is wrong) operands are fp32, and
-with bf16 inputs EMULATE_BF16 rounds p and ds to bf16 values by bits
-(``kernels/rounding.py``), so the interpreter multiplies the numbers the GPU does.
+inputs every operand is fp32 at "tf32x3" (fp32 accuracy). Under the interpreter (whose
+bf16 arithmetic is wrong) operands are fp32 tiles and ROUND_TO rounds p and ds to the
+inputs' dtype (``kernels/rounding.py``), so the interpreter multiplies the numbers the
+GPU does.
 Indices: program ids, query/key positions and their ``//`` and ``%`` are int32 (64-bit
 division is emulated on the GPU); a row index is widened to int64 once, where it
 multiplies a stride. Loop bounds are runtime values (``range`` over ``tl.cdiv``): needs
@@ -125,7 +125,7 @@ def _load_keys(k, v, ok, row0, o_n, n_hi, NK, stride_k0, stride_k2, stride_v0, s
 
 @triton.jit
 def _online_step(b_q, b_k, b_v, b_allow, b_m, b_l, b_acc, scale, PRECISION: tl.constexpr,
-                 OPERAND: tl.constexpr, EMULATE_BF16: tl.constexpr):
+                 OPERAND: tl.constexpr, ROUND_TO: tl.constexpr):
     """One key tile of the online softmax; -inf-safe for rows with no key so far."""
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale  # [BM, BN]
     b_s = tl.where(b_allow, b_s, float("-inf"))
@@ -134,7 +134,7 @@ def _online_step(b_q, b_k, b_v, b_allow, b_m, b_l, b_acc, scale, PRECISION: tl.c
     b_alpha = tl.exp(b_m - b_ref)
     b_p = tl.exp(b_s - b_ref[:, None])
     b_l = b_l * b_alpha + tl.sum(b_p, 1)
-    b_acc = tl.dot(dot_operand(b_p, OPERAND, EMULATE_BF16), b_v, b_acc * b_alpha[:, None],
+    b_acc = tl.dot(dot_operand(b_p, OPERAND, ROUND_TO), b_v, b_acc * b_alpha[:, None],
                    input_precision=PRECISION)
     return b_mn, b_l, b_acc
 
@@ -150,7 +150,7 @@ def _suffix_allow(b_ok, kp, ks, q_p, q_t, S, T):
 def _softmax_over_key_row(b_q, k, v, ok, row, n_keys, stride_k0, stride_k2, stride_v0,
                           stride_v2, o_d, m_d, m_m, b_m, b_l, b_acc, scale,
                           PRECISION: tl.constexpr, OPERAND: tl.constexpr,
-                          EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr):
+                          ROUND_TO: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online softmax over one key row that every query of the block sees (its real
     slots): the common keys (row 0) or the group's prompt (row g); k, v already offset to
     the kv head."""
@@ -160,7 +160,7 @@ def _softmax_over_key_row(b_q, k, v, ok, row, n_keys, stride_k0, stride_k2, stri
                                             stride_k2, stride_v0, stride_v2, o_d, m_d, OPERAND)
         b_allow = b_ok[None, :] & m_m[:, None]
         b_m, b_l, b_acc = _online_step(b_q, b_k, b_v, b_allow, b_m, b_l, b_acc, scale,
-                                       PRECISION, OPERAND, EMULATE_BF16)
+                                       PRECISION, OPERAND, ROUND_TO)
     return b_m, b_l, b_acc
 
 
@@ -172,7 +172,7 @@ def _shared_prefix_attention_fwd_kernel(
         stride_v0, stride_v1, stride_v2, stride_pk0, stride_pk1, stride_pk2,
         stride_pv0, stride_pv1, stride_pv2, stride_ck1, stride_ck2, stride_cv1, stride_cv2,
         stride_o0, stride_o1, stride_o2, M_BUCKET,
-        PRECISION: tl.constexpr, OPERAND: tl.constexpr, EMULATE_BF16: tl.constexpr,
+        PRECISION: tl.constexpr, OPERAND: tl.constexpr, ROUND_TO: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (G, Hkv, query blocks). Writes out [R, H, T, D] and lse [R, H, T] (fp32,
     contiguous) for the block's queries."""
@@ -194,12 +194,12 @@ def _shared_prefix_attention_fwd_kernel(
     b_m, b_l, b_acc = _softmax_over_key_row(
         b_q, ck + i_h * stride_ck1, cv + i_h * stride_cv1, cm, 0, C, 0, stride_ck2, 0,
         stride_cv2, o_d, m_d, m_m, b_m, b_l, b_acc, scale, PRECISION, OPERAND,
-        EMULATE_BF16, BLOCK_N)
+        ROUND_TO, BLOCK_N)
     # prompt: one key row (the group's), every query of the block sees every real slot
     b_m, b_l, b_acc = _softmax_over_key_row(
         b_q, pk + i_h * stride_pk1, pv + i_h * stride_pv1, pm, i_g, L, stride_pk0,
         stride_pk2, stride_pv0, stride_pv2, o_d, m_d, m_m, b_m, b_l, b_acc, scale, PRECISION,
-        OPERAND, EMULATE_BF16, BLOCK_N)
+        OPERAND, ROUND_TO, BLOCK_N)
     # suffix: the key rows of the block's query rows, flattened (row, slot)
     p_lo = (i_m * BLOCK_M) // (NREP * T)
     p_hi = tl.minimum((i_m * BLOCK_M + BLOCK_M - 1) // (NREP * T), P - 1) + 1
@@ -212,7 +212,7 @@ def _shared_prefix_attention_fwd_kernel(
                                             stride_v0, stride_v2, o_d, m_d, OPERAND)
         b_allow = _suffix_allow(b_ok, kp, ks, q_p, q_t, S, T) & m_m[:, None]
         b_m, b_l, b_acc = _online_step(b_q, b_k, b_v, b_allow, b_m, b_l, b_acc, scale,
-                                       PRECISION, OPERAND, EMULATE_BF16)
+                                       PRECISION, OPERAND, ROUND_TO)
 
     b_seen = b_l > 0
     b_out = b_acc / tl.where(b_seen, b_l, 1.)[:, None]
@@ -248,7 +248,7 @@ def _load_query_stats(lse, delta, q_row, q_head, q_t, H, T, m_m):
 def _dq_over_key_row(b_q, b_do, b_lse, b_delta, k, v, ok, row, n_keys, stride_k0, stride_k2,
                      stride_v0, stride_v2, o_d, m_d, m_m, b_dq, scale,
                      PRECISION: tl.constexpr, OPERAND: tl.constexpr,
-                     EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr):
+                     ROUND_TO: tl.constexpr, BLOCK_N: tl.constexpr):
     """dq's share [BM, BD] (unscaled) from one key row every query of the block sees (the
     common keys or the group's prompt), added to b_dq."""
     for i_n in range(0, tl.cdiv(n_keys, BLOCK_N)):
@@ -258,7 +258,7 @@ def _dq_over_key_row(b_q, b_do, b_lse, b_delta, k, v, ok, row, n_keys, stride_k0
         b_allow = b_ok[None, :] & m_m[:, None]
         b_p, b_ds = _probs_and_dscores(b_q, b_do, b_lse, b_delta, b_k, b_v, b_allow, scale,
                                        PRECISION)
-        b_dq = tl.dot(dot_operand(b_ds, OPERAND, EMULATE_BF16), b_k, b_dq,
+        b_dq = tl.dot(dot_operand(b_ds, OPERAND, ROUND_TO), b_k, b_dq,
                       input_precision=PRECISION)
     return b_dq
 
@@ -271,7 +271,7 @@ def _shared_prefix_attention_bwd_dq_kernel(
         stride_v0, stride_v1, stride_v2, stride_pk0, stride_pk1, stride_pk2,
         stride_pv0, stride_pv1, stride_pv2, stride_ck1, stride_ck2, stride_cv1, stride_cv2,
         stride_o0, stride_o1, stride_o2, M_BUCKET,
-        PRECISION: tl.constexpr, OPERAND: tl.constexpr, EMULATE_BF16: tl.constexpr,
+        PRECISION: tl.constexpr, OPERAND: tl.constexpr, ROUND_TO: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (G, Hkv, query blocks). dq [R, H, T, D] (strides of do) for the block."""
     i_g = tl.program_id(0)
@@ -294,11 +294,11 @@ def _shared_prefix_attention_bwd_dq_kernel(
     b_dq = _dq_over_key_row(b_q, b_do, b_lse, b_delta, ck + i_h * stride_ck1,
                             cv + i_h * stride_cv1, cm, 0, C, 0, stride_ck2, 0, stride_cv2, o_d,
                             m_d, m_m, b_dq, scale, PRECISION, OPERAND,
-                            EMULATE_BF16, BLOCK_N)
+                            ROUND_TO, BLOCK_N)
     b_dq = _dq_over_key_row(b_q, b_do, b_lse, b_delta, pk + i_h * stride_pk1,
                             pv + i_h * stride_pv1, pm, i_g, L, stride_pk0, stride_pk2,
                             stride_pv0, stride_pv2, o_d, m_d, m_m, b_dq, scale, PRECISION,
-                            OPERAND, EMULATE_BF16, BLOCK_N)
+                            OPERAND, ROUND_TO, BLOCK_N)
     p_lo = (i_m * BLOCK_M) // (NREP * T)
     p_hi = tl.minimum((i_m * BLOCK_M + BLOCK_M - 1) // (NREP * T), P - 1) + 1
     n_lo = p_lo * S
@@ -311,7 +311,7 @@ def _shared_prefix_attention_bwd_dq_kernel(
         b_allow = _suffix_allow(b_ok, kp, ks, q_p, q_t, S, T) & m_m[:, None]
         b_p, b_ds = _probs_and_dscores(b_q, b_do, b_lse, b_delta, b_k, b_v, b_allow, scale,
                                        PRECISION)
-        b_dq = tl.dot(dot_operand(b_ds, OPERAND, EMULATE_BF16), b_k, b_dq,
+        b_dq = tl.dot(dot_operand(b_ds, OPERAND, ROUND_TO), b_k, b_dq,
                       input_precision=PRECISION)
 
     p_dq = (dq + q_row[:, None].to(tl.int64) * stride_o0 + q_head[:, None] * stride_o1
@@ -327,7 +327,7 @@ def _shared_prefix_attention_bwd_dkdv_kernel(
         stride_q0, stride_q1, stride_q2, stride_k0, stride_k1, stride_k2,
         stride_v0, stride_v1, stride_v2, stride_o0, stride_o1, stride_o2, M_BUCKET,
         KEYS_BUCKET, SUFFIX: tl.constexpr, PRECISION: tl.constexpr, OPERAND: tl.constexpr,
-        EMULATE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        ROUND_TO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr):
     """Grid (G, Hkv, key blocks over KP * NK keys of the group). Prompt keys (SUFFIX
     False: KP = 1, NK = L) take every query of the group; suffix keys (KP = P, NK = S)
@@ -370,9 +370,9 @@ def _shared_prefix_attention_bwd_dkdv_kernel(
             b_allow = b_ok[None, :] & m_m[:, None]
         b_p, b_ds = _probs_and_dscores(b_q, b_do, b_lse, b_delta, b_k, b_v, b_allow, scale,
                                        PRECISION)
-        b_dv = tl.dot(tl.trans(dot_operand(b_p, OPERAND, EMULATE_BF16)), b_do, b_dv,
+        b_dv = tl.dot(tl.trans(dot_operand(b_p, OPERAND, ROUND_TO)), b_do, b_dv,
                       input_precision=PRECISION)
-        b_dk = tl.dot(tl.trans(dot_operand(b_ds, OPERAND, EMULATE_BF16)), b_q, b_dk,
+        b_dk = tl.dot(tl.trans(dot_operand(b_ds, OPERAND, ROUND_TO)), b_q, b_dk,
                       input_precision=PRECISION)
 
     m_nd = (o_n < n_hi)[:, None] & m_d[None, :]

@@ -1,7 +1,7 @@
-"""kernels/rounding.py: the bf16 rounding the kernels use for dot operands equals
-torch's (round to nearest, ties to even) -- on the GPU through ``.to(tl.bfloat16)``, under
-the interpreter through bit arithmetic, because the interpreter's own conversion
-truncates."""
+"""kernels/rounding.py: the bf16/fp16 rounding the kernels use for dot operands equals
+torch's (round to nearest, ties to even) -- on the GPU through ``.to(OPERAND)``, under
+the interpreter through bit arithmetic for bf16 (the interpreter's own bf16 conversion
+truncates) and numpy's conversion for fp16."""
 
 from __future__ import annotations
 
@@ -30,20 +30,27 @@ def values() -> torch.Tensor:
     return torch.cat([rand, base.view(torch.float32), ties, near, torch.zeros(1)])
 
 
-def test_round_to_bf16_is_torch_rounding():
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # numpy, fp16 -> inf
+@pytest.mark.parametrize("name,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_dot_operands_are_rounded_as_torch_rounds(name, dtype):
+    """What the kernels multiply: the GPU's conversion (OPERAND, where it runs) and the
+    interpreter's emulation (ROUND_TO) both give torch's rounding, fp16's subnormals and
+    overflow to inf included."""
+    operand = {"bf16": tl.bfloat16, "fp16": tl.float16}[name]
+
     @triton.jit
-    def _round(x, y, n, EMULATE_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    def _round(x, y, n, OPERAND: tl.constexpr, ROUND_TO: tl.constexpr, BLOCK: tl.constexpr):
         o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        b = dot_operand(tl.load(x + o, mask=o < n), tl.bfloat16, EMULATE_BF16)
+        b = dot_operand(tl.load(x + o, mask=o < n), OPERAND, ROUND_TO)
         tl.store(y + o, b.to(tl.float32), mask=o < n)
 
     x = values().to(DEVICE)
-    want = x.to(torch.bfloat16).float()
-    for emulate in ([True, False] if not INTERPRETING else [True]):
+    want = x.to(dtype).float()
+    for round_to in ([name, ""] if not INTERPRETING else [name]):
         y = torch.full_like(x, float("nan"))
-        _round[(triton.cdiv(x.numel(), 256),)](x, y, x.numel(), EMULATE_BF16=emulate,
-                                               BLOCK=256)
-        assert torch.equal(y, want), f"emulate={emulate}: {(y != want).sum()} differ"
+        _round[(triton.cdiv(x.numel(), 256),)](x, y, x.numel(), OPERAND=operand,
+                                               ROUND_TO=round_to, BLOCK=256)
+        assert torch.equal(y, want), f"ROUND_TO={round_to!r}: {(y != want).sum()} differ"
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="documents the interpreter's conversion")

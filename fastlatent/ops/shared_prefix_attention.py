@@ -160,15 +160,17 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
-    """The kernels' dot constexprs for inputs of ``dtype``: bf16 operands on the GPU for
-    bf16 inputs (under the interpreter fp32 operands with p and ds rounded to bf16 values,
-    the same numbers); fp32 operands at 3xTF32 for fp32/fp16 inputs."""
+    """The kernels' dot constexprs for inputs of ``dtype``: bf16/fp16 operands on the GPU
+    for bf16/fp16 inputs (under the interpreter fp32 operands with p and ds rounded to
+    that dtype, the same numbers); fp32 operands at 3xTF32 for fp32 inputs."""
     import triton.language as tl
 
-    bf16 = dtype == torch.bfloat16
-    operand = tl.bfloat16 if bf16 and not interpreting() else tl.float32
-    return dict(PRECISION="tf32" if bf16 else "tf32x3", OPERAND=operand,
-                EMULATE_BF16=bf16 and interpreting())
+    low = {torch.bfloat16: ("bf16", tl.bfloat16), torch.float16: ("fp16", tl.float16)}
+    name, operand = low.get(dtype, ("", tl.float32))
+    if interpreting():
+        return dict(PRECISION="tf32" if name else "tf32x3", OPERAND=tl.float32,
+                    ROUND_TO=name)
+    return dict(PRECISION="tf32" if name else "tf32x3", OPERAND=operand, ROUND_TO="")
 
 
 def _block_d(d: int) -> int:
