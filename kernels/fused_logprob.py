@@ -24,8 +24,9 @@ and read-modified-wrote them for every vocabulary tile: rows x V/BLOCK_V x D x 8
 of traffic, and each recomputed the logits for itself.)
 
 Dtype policy: loads are converted to fp32 right after ``tl.load`` except the logits
-GEMM's operands, which keep the inputs' fp16/bf16 on the GPU (``LOGIT_OPERAND``; the
-interpreter's bf16 arithmetic is wrong, so it gets fp32). Logits, running max and sum
+GEMM's operands, which keep the inputs' fp16/bf16 on the GPU (``OPERAND``; the
+interpreter's bf16 arithmetic is wrong, so it gets fp32; the launchers' constexprs come
+from ``fastlatent/ops/_launch.dot_args``). Logits, running max and sum
 and c are computed in fp32; c is rounded once, when stored. ``tl.dot`` precision is a
 constexpr chosen by the launcher: "tf32" is exact for fp16/bf16 operands (their
 mantissas fit in TF32), "tf32x3" keeps fp32 accuracy for fp32 operands on tensor cores.
@@ -44,7 +45,7 @@ import os
 import triton
 import triton.language as tl
 
-from .rounding import round_to_bf16
+from .rounding import rounded
 
 # Tile sizes live here only. One config under the interpreter (autotune with several
 # configs needs a GPU driver); the interpreter is slow, so its tiles are small.
@@ -65,8 +66,6 @@ else:
     COMBINE_CONFIGS = [triton.Config({"BLOCK_N": 32}, num_warps=4)]
 
 IGNORE_INDEX: tl.constexpr = tl.constexpr(-100)
-# tl.dot operand types of the logits GEMM, by torch dtype name (see _logits_tile).
-LOGIT_OPERANDS = {"float32": tl.float32, "float16": tl.float16, "bfloat16": tl.bfloat16}
 
 
 @triton.jit
@@ -113,7 +112,7 @@ def _split_tiles(V, i_s, BLOCK_V: tl.constexpr):
 @triton.autotune(configs=CONFIGS, key=["V", "D"])
 @triton.jit
 def _fused_logprob_fwd_kernel(h, w, t, m_part, l_part, z_part, N, V, D, stride_hn, stride_wv,
-                              LOGIT_PRECISION: tl.constexpr, LOGIT_OPERAND: tl.constexpr,
+                              PRECISION: tl.constexpr, OPERAND: tl.constexpr,
                               BLOCK_N: tl.constexpr,
                               BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     """Grid (row blocks, splits). Writes, for its rows and its split's tiles, the running
@@ -136,7 +135,7 @@ def _fused_logprob_fwd_kernel(h, w, t, m_part, l_part, z_part, N, V, D, stride_h
         m_v = o_v < V
         # [BN, BV]
         b_s = _logits_tile(h, w, o_n, m_n, o_v, m_v, D, stride_hn, stride_wv,
-                           LOGIT_PRECISION, LOGIT_OPERAND, BLOCK_N, BLOCK_V, BLOCK_D)
+                           PRECISION, OPERAND, BLOCK_N, BLOCK_V, BLOCK_D)
         b_mn = tl.maximum(b_m, tl.max(b_s, 1))  # finite: every tile has a column < V
         b_l = b_l * tl.exp(b_m - b_mn) + tl.sum(tl.exp(b_s - b_mn[:, None]), 1)
         b_m = b_mn
@@ -178,8 +177,8 @@ def _fused_logprob_combine_kernel(m_part, l_part, z_part, t, logp, lse, N, S,
 @triton.autotune(configs=COEF_CONFIGS, key=["V", "D"])
 @triton.jit
 def _fused_logprob_bwd_coef_kernel(h, w, t, lse, g, c, N, V, D, stride_hn, stride_wv,
-                                   stride_cn, LOGIT_PRECISION: tl.constexpr,
-                                   LOGIT_OPERAND: tl.constexpr, ROUND_BY_BITS: tl.constexpr,
+                                   stride_cn, PRECISION: tl.constexpr,
+                                   OPERAND: tl.constexpr, ROUND_TO: tl.constexpr,
                                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                                    BLOCK_D: tl.constexpr):
     """Grid (row blocks, vocab tiles), row blocks fastest, so the programs that run
@@ -195,10 +194,9 @@ def _fused_logprob_bwd_coef_kernel(h, w, t, lse, g, c, N, V, D, stride_hn, strid
     b_lse = tl.load(lse + o_n, mask=m_n, other=0.)
     b_g = tl.load(g + o_n, mask=m_n, other=0.).to(tl.float32)
     b_g = tl.where(b_t == IGNORE_INDEX, 0., b_g)
-    b_s = _logits_tile(h, w, o_n, m_n, o_v, m_v, D, stride_hn, stride_wv,
-                           LOGIT_PRECISION, LOGIT_OPERAND, BLOCK_N, BLOCK_V, BLOCK_D)
+    b_s = _logits_tile(h, w, o_n, m_n, o_v, m_v, D, stride_hn, stride_wv, PRECISION, OPERAND,
+                       BLOCK_N, BLOCK_V, BLOCK_D)
     b_c = _coef_tile(b_s, b_lse, b_g, b_t, o_v)  # [BN, BV]
-    if ROUND_BY_BITS:  # the interpreter's conversion to bf16 truncates
-        b_c = round_to_bf16(b_c)
+    b_c = rounded(b_c, ROUND_TO)  # under the interpreter: as the GPU's store will round
     tl.store(c + o_n[:, None].to(tl.int64) * stride_cn + o_v[None, :],
              b_c.to(c.dtype.element_ty), mask=m_n[:, None] & m_v[None, :])

@@ -22,13 +22,23 @@ def round_to_bf16(x):
 
 
 @triton.jit
-def dot_operand(x, OPERAND: tl.constexpr, ROUND_TO: tl.constexpr):
-    """fp32 tile x as a ``tl.dot`` operand: ``x.to(OPERAND)`` (the inputs' bf16/fp16 on
-    the GPU, else fp32); under the interpreter ROUND_TO ("bf16" | "fp16" | "") names the
-    inputs' dtype and x comes back rounded to it, still fp32."""
+def rounded(x, ROUND_TO: tl.constexpr):
+    """Under the interpreter (ROUND_TO "bf16" | "fp16"): fp32 x rounded as the GPU rounds
+    it to that dtype, still fp32; x itself for ROUND_TO ""."""
     if ROUND_TO == "bf16":
         return round_to_bf16(x)
     elif ROUND_TO == "fp16":
         return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def dot_operand(x, OPERAND: tl.constexpr, ROUND_TO: tl.constexpr):
+    """fp32 tile x as a ``tl.dot`` operand: ``x.to(OPERAND)`` (the inputs' bf16/fp16 on
+    the GPU, else fp32); under the interpreter, x rounded to the inputs' dtype
+    (:func:`rounded`), still fp32."""
+    if ROUND_TO != "":
+        return rounded(x, ROUND_TO)
     else:
         return x.to(OPERAND)

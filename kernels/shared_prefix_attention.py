@@ -54,6 +54,7 @@ from .rounding import dot_operand
 # launcher). One config under the interpreter: autotune with several needs a GPU driver.
 if os.environ.get("TRITON_INTERPRET") == "1":
     FWD_CONFIGS = DQ_CONFIGS = DKDV_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})]
+    DKDV_BY_HEAD_DIM: dict[bool, list[triton.Config]] = {}
 else:
     def _tile(m: int, n: int, warps: int, stages: int) -> triton.Config:
         return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps,
@@ -72,17 +73,16 @@ else:
     # on sm_90 with 3.6 and 64x16 16 B on sm_80 with 3.9, so one tile is left.
     FWD_CONFIGS = [_tile(32, 64, 4, 2)]  # 64x32 spills 32 B on sm_80 with Triton 3.6
     DQ_CONFIGS = [_tile(32, 32, 4, 2)]
-    DKDV_CONFIGS = [_tile(64, 32, 8, 3), _tile(64, 16, 4, 2), _tile(32, 32, 8, 2),  # D <= 64
-                    _tile(32, 32, 4, 2)]  # D > 64
-_WIDE_DKDV = 3  # DKDV_CONFIGS[_WIDE_DKDV:] are the head-dim-128 tiles
+    DKDV_BY_HEAD_DIM = {False: [_tile(64, 32, 8, 3), _tile(64, 16, 4, 2),  # D <= 64
+                                _tile(32, 32, 8, 2)],
+                        True: [_tile(32, 32, 4, 2)]}  # D > 64
+    DKDV_CONFIGS = DKDV_BY_HEAD_DIM[False] + DKDV_BY_HEAD_DIM[True]
 
 
 def _dkdv_tiles(configs, named_args, **kwargs):
     """Autotune pruning: the dk/dv tiles kept for the call's head dim (all of them under
     the interpreter, which has one)."""
-    if len(configs) <= _WIDE_DKDV:
-        return configs
-    return configs[_WIDE_DKDV:] if named_args["D"] > 64 else configs[:_WIDE_DKDV]
+    return DKDV_BY_HEAD_DIM.get(named_args["D"] > 64, configs)
 
 
 @triton.jit

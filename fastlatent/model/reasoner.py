@@ -202,13 +202,14 @@ class LatentReasoner(nn.Module):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         quantized = quantization_of(self.llm)
-        if lora_layers(self.llm):  # plain merged weights, and the adapters to resume SFT
-            self.llm.save_pretrained(tmp / LLM_DIR, state_dict=merged_state_dict(self.llm))
+        lora = bool(lora_layers(self.llm))
+        if lora or quantized is None:
+            # with LoRA: plain merged weights, and the adapters to resume SFT from
+            merged = merged_state_dict(self.llm) if lora else None
+            self.llm.save_pretrained(tmp / LLM_DIR, state_dict=merged)
             self.tokenizer.save_pretrained(tmp / LLM_DIR)
-            save_adapters(self.llm, tmp)
-        elif quantized is None:
-            self.llm.save_pretrained(tmp / LLM_DIR)
-            self.tokenizer.save_pretrained(tmp / LLM_DIR)
+            if lora:
+                save_adapters(self.llm, tmp)
         elif quantized["source"] and (Path(quantized["source"]) / LLM_DIR).is_dir():
             shutil.copytree(Path(quantized["source"]) / LLM_DIR, tmp / LLM_DIR)
         else:

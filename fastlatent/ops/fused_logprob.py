@@ -25,7 +25,7 @@ import torch
 from fastlatent.ops._backend import resolve_backend
 from fastlatent.ops._launch import alloc as _alloc
 from fastlatent.ops._launch import cdiv as _cdiv
-from fastlatent.ops._launch import interpreting
+from fastlatent.ops._launch import dot_args
 
 IGNORE_INDEX = -100
 VOCAB_TILE = 8192
@@ -129,19 +129,11 @@ def _vocab_splits(n_rows: int, v: int, device: torch.device, min_block_n: int) -
     return max(1, min(_cdiv(2 * _sm_count(index), row_blocks), v // _MIN_SPLIT_V))
 
 
-def _logit_precision(hidden: torch.Tensor, weight: torch.Tensor) -> str:
-    """TF32 is exact for fp16/bf16 operands; fp32 operands need 3xTF32."""
-    low = (torch.float16, torch.bfloat16)
-    return "tf32" if hidden.dtype in low and weight.dtype in low else "tf32x3"
-
-
-def _logit_operand(hidden: torch.Tensor, weight: torch.Tensor) -> str:
-    """fp16/bf16 inputs of one dtype enter the logits GEMM as they are on the GPU; fp32
-    otherwise and under the interpreter (whose bf16 arithmetic is wrong)."""
-    same_low = hidden.dtype == weight.dtype and hidden.dtype in (torch.float16,
-                                                                  torch.bfloat16)
-    return str(hidden.dtype).removeprefix("torch.") if same_low and not interpreting() \
-        else "float32"
+def _logit_args(hidden: torch.Tensor, weight: torch.Tensor) -> dict:
+    """PRECISION and OPERAND of the logits GEMM: fp16/bf16 inputs of one dtype enter it as
+    they are on the GPU (exact: their products fit fp32); anything else as fp32."""
+    args = dot_args(hidden.dtype if hidden.dtype == weight.dtype else torch.float32)
+    return dict(PRECISION=args["PRECISION"], OPERAND=args["OPERAND"])
 
 
 def _fused_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -164,8 +156,7 @@ def _fused_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
 
     kern._fused_logprob_fwd_kernel[grid](
         hidden, weight, targets, part[0], part[1], part[2], n, v, d,
-        hidden.stride(0), weight.stride(0), LOGIT_PRECISION=_logit_precision(hidden, weight),
-        LOGIT_OPERAND=kern.LOGIT_OPERANDS[_logit_operand(hidden, weight)])
+        hidden.stride(0), weight.stride(0), **_logit_args(hidden, weight))
 
     def grid_rows(meta):
         return (_cdiv(n, meta["BLOCK_N"]),)
@@ -190,7 +181,7 @@ def _row_chunk(n: int, v: int, dtype: torch.dtype) -> int:
     """Rows per coefficient chunk: [rows, V] coefficients within ``_COEF_BYTES``, a
     multiple of 128 rows (the largest row tile) when there is room for one."""
     rows = max(1, _COEF_BYTES // (v * torch.finfo(dtype).bits // 8))
-    return min(n, rows if rows < 128 else rows // 128 * 128)
+    return max(1, min(n, rows if rows < 128 else rows // 128 * 128))
 
 
 def _fused_logprob_bwd(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
@@ -213,9 +204,8 @@ def _fused_logprob_bwd(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: to
     h_gemm = hidden.to(dtype) if need_weight else None
     grad_h = torch.empty((n, d), dtype=dtype, device=hidden.device) if need_hidden else None
     grad_w = None
-    logit = dict(LOGIT_PRECISION=_logit_precision(hidden, weight),
-                 LOGIT_OPERAND=kern.LOGIT_OPERANDS[_logit_operand(hidden, weight)])
-    step = _row_chunk(n, v, dtype) if n else 1
+    logit = _logit_args(hidden, weight)
+    step = _row_chunk(n, v, dtype)
     chunks = range(0, n, step)
     for start in chunks:
         rows = slice(start, min(n, start + step))
@@ -228,7 +218,7 @@ def _fused_logprob_bwd(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: to
         kern._fused_logprob_bwd_coef_kernel[grid](
             hidden[rows], weight, targets[rows], lse[rows], g[rows], c, count, v, d,
             hidden.stride(0), weight.stride(0), c.stride(0), **logit,
-            ROUND_BY_BITS=interpreting() and dtype == torch.bfloat16)
+            ROUND_TO=dot_args(dtype)["ROUND_TO"])
         if need_hidden:
             torch.mm(c, w_gemm, out=grad_h[rows])
         if need_weight:

@@ -32,7 +32,7 @@ import torch
 from fastlatent.ops._backend import resolve_backend
 from fastlatent.ops._launch import alloc as _alloc
 from fastlatent.ops._launch import cdiv as _cdiv
-from fastlatent.ops._launch import interpreting, tune_bucket
+from fastlatent.ops._launch import dot_args, tune_bucket
 from fastlatent.ops._launch import unit_inner as _unit_inner
 
 
@@ -159,20 +159,6 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 
-def _dot_args(dtype: torch.dtype) -> dict:
-    """The kernels' dot constexprs for inputs of ``dtype``: bf16/fp16 operands on the GPU
-    for bf16/fp16 inputs (under the interpreter fp32 operands with p and ds rounded to
-    that dtype, the same numbers); fp32 operands at 3xTF32 for fp32 inputs."""
-    import triton.language as tl
-
-    low = {torch.bfloat16: ("bf16", tl.bfloat16), torch.float16: ("fp16", tl.float16)}
-    name, operand = low.get(dtype, ("", tl.float32))
-    if interpreting():
-        return dict(PRECISION="tf32" if name else "tf32x3", OPERAND=tl.float32,
-                    ROUND_TO=name)
-    return dict(PRECISION="tf32" if name else "tf32x3", OPERAND=operand, ROUND_TO="")
-
-
 def _block_d(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())  # tl.dot needs every dimension >= 16
 
@@ -215,7 +201,7 @@ def _shared_prefix_attention_fwd(q, k, v, valid, prefix_k, prefix_v, prefix_ok, 
         lse, scale, rows_per_group, n_rep, t, s, length, c, d, m,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(prefix_k),
         *_strides3(prefix_v), *_strides3(common_k)[1:], *_strides3(common_v)[1:],
-        *_strides3(out), tune_bucket(m), **_dot_args(q.dtype), BLOCK_D=_block_d(d))
+        *_strides3(out), tune_bucket(m), **dot_args(q.dtype), BLOCK_D=_block_d(d))
     return out, lse
 
 
@@ -240,7 +226,7 @@ def _dkdv(q, do, lse, delta, keys, values, ok, groups: int, rows_per_group: int,
         rows_per_group, n_rep, t, width if suffix else 0, width, key_rows, d, m,
         *_strides3(q), *_strides3(keys), *_strides3(values), *_strides3(do),
         tune_bucket(m), tune_bucket(key_rows * width), SUFFIX=suffix,
-        **_dot_args(q.dtype), BLOCK_D=_block_d(d))
+        **dot_args(q.dtype), BLOCK_D=_block_d(d))
     return gk, gv
 
 
@@ -269,7 +255,7 @@ def _shared_prefix_attention_bwd(grad_out, q, k, v, valid, prefix_k, prefix_v, p
             lse, delta, grads[0], scale, rows_per_group, n_rep, t, s, length, c, d, m,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(prefix_k),
             *_strides3(prefix_v), *_strides3(common_k)[1:], *_strides3(common_v)[1:],
-            *_strides3(do), tune_bucket(m), **_dot_args(q.dtype),
+            *_strides3(do), tune_bucket(m), **dot_args(q.dtype),
             BLOCK_D=_block_d(d))
     key_sets = (  # (first grad index, keys, values, ok, groups, rows per group, key rows, suffix)
         (1, k, v, valid, g, rows_per_group, rows_per_group, True),
