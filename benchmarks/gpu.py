@@ -1,7 +1,7 @@
 """Everything only a GPU can show, in one call: ``python benchmarks/gpu.py --out DIR``.
 
 Made for a lent H100/H200 machine with the GPU image (torch, Triton, transformers; no
-hub, no data download), under 8 minutes:
+hub, no data download), under 10 minutes:
 
 1. ``device``: what the machine is (``torch.cuda.get_device_name()``, capability, versions).
 2. ``gpu_tests``: the gpu-marked tests (bf16 at real sizes, Triton vs torch vs an fp32
@@ -15,6 +15,9 @@ hub, no data download), under 8 minutes:
 6. The RL step's FLOP floor (necessary FLOPs only: prompt prefill without gradient, the
    suffix forward, its backward to the activations, the LM head on real target tokens)
    and the fraction of the device's dense bf16 peak the engine reached.
+7. ``reasoning_latency``: ``reasoning_latency.py`` on the random-weight SmolLM2-135M, bf16:
+   seconds per user of constrained beam search with no thought, 1 and 8 latents, and a
+   32- and 128-token textual chain of thought; what one latent costs in tokens.
 
 Each step runs in a subprocess with its own time limit; a failing step is recorded and
 the rest still run. Writes ``DIR/gpu.json`` and ``DIR/gpu.md`` (a section for
@@ -76,6 +79,9 @@ def steps(dry_run: bool, out: Path) -> list[tuple[str, list[str], int, dict[str,
         rl = [py, "benchmarks/rl_step.py", "--model", "tiny-random", "--data", "synthetic",
               "--prompts", "2", "--k", "2", "--repeats", "1", "--warmup", "0",
               "--paths", "rl-naive,rl-engine", "--device", "cpu", "--json"]
+        reasoning = [py, "benchmarks/reasoning_latency.py", "--model", "tiny-random",
+                     "--data", "synthetic", "--users", "2", "--batch", "2", "--repeats", "1",
+                     "--cot-tokens", "2,4", "--num-latents", "2", "--device", "cpu", "--json"]
     else:
         tests = [py, "-m", "pytest", "-q", "-m", "gpu", "tests/", "-p", "no:cacheprovider"]
         bench = [py, "-m", "pytest", "-q", "benchmarks/", "--benchmark-only",
@@ -85,12 +91,16 @@ def steps(dry_run: bool, out: Path) -> list[tuple[str, list[str], int, dict[str,
         rl = [py, "benchmarks/rl_step.py", "--model", "qwen2.5-1.5b-random", "--data",
               "synthetic", "--prompts", "32", "--k", "8", "--dtype", "bfloat16",
               "--paths", "rl-naive,rl-engine", "--device", "cuda", "--json"]
-    # Time limits sum to 470 s: the whole call fits the device tool's 8-minute plan.
+        reasoning = [py, "benchmarks/reasoning_latency.py", "--model", "smollm2-135m-random",
+                     "--data", "synthetic", "--users", "16", "--batch", "8", "--repeats", "5",
+                     "--dtype", "bfloat16", "--device", "cuda", "--json"]
+    # Time limits sum to 560 s: the whole call fits the device tool's 10-minute limit.
     return [("device", device, 60, {}),
             ("gpu_tests", tests, 100, interp),
             ("op_benchmarks", bench, 100, interp),
             ("compile_check", compile_, 80, no_interp),
-            ("rl_step", rl, 130, {})]
+            ("rl_step", rl, 130, {}),
+            ("reasoning_latency", reasoning, 90, {})]
 
 
 def run_step(name: str, cmd: list[str], timeout: int, env_extra: dict[str, str],
@@ -208,6 +218,13 @@ def markdown(report: dict[str, Any]) -> str:
                          f" head {floor['head'] / 1e12:.3f}); achieved "
                          f"{rl['achieved_flops'] / 1e12:.2f} TFLOP/s"
                          + ("" if frac is None else f" = {frac:.1%} of the bf16 peak") + ".")
+    reasoning = (report["steps"].get("reasoning_latency") or {}).get("json") or {}
+    if "variants" in reasoning:
+        variants = reasoning["variants"]
+        lines += ["", "Reasoning latency (s per user, x no latent): " + ", ".join(
+            f"{name} {v['median_s_per_user']:.4f} (x{v['ratio_to_none']:.2f})"
+            for name, v in variants.items()) + "; one latent = "
+            f"{reasoning.get('latent1_in_tokens')} tokens of a chain of thought."]
     return "\n".join(lines) + "\n"
 
 

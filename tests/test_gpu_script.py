@@ -24,7 +24,7 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "gpu.json").read_text())
     assert set(report["steps"]) == {"device", "gpu_tests", "op_benchmarks", "compile_check",
-                                    "rl_step"}
+                                    "rl_step", "reasoning_latency"}
     assert all(step["rc"] == 0 for step in report["steps"].values())
     assert report["steps"]["compile_check"]["json"]["compiled"] >= 1
     rl = report["rl"]
@@ -33,6 +33,9 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     assert (out / "op_benchmarks.json").is_file()
     md = (out / "gpu.md").read_text()
     assert "dry run on the CPU" in md and "FLOP floor" in md
+    reasoning = report["steps"]["reasoning_latency"]["json"]
+    assert set(reasoning["variants"]) == {"none", "latent1", "latent2", "cot2", "cot4"}
+    assert "Reasoning latency" in md
 
 
 def test_flop_floor_counts_what_the_step_must_compute():

@@ -82,6 +82,28 @@ class PrefixCache:
                            self.mask[groups], self.lengths[groups], self.hidden[groups],
                            self.hidden_mask[groups], self.common)
 
+    def extend(self, hidden: torch.Tensor, cache: SuffixCache) -> PrefixCache:
+        """The cache of the prompts followed by their suffix: one suffix row per prompt
+        (``rows_per_group = 1``), every slot real (tokens generated after the prompt),
+        ``hidden`` [G, T, d] its final-norm states over all the calls that built ``cache``.
+        Equals :meth:`Decoder.prefix` of the longer prompts to float tolerance, without
+        encoding them again."""
+        g, t = cache.valid.shape
+        if cache.rows_per_group != 1 or g != self.num_groups or not bool(cache.valid.all()):
+            raise ValueError(f"expected a suffix cache of one all-real row per prompt "
+                             f"({self.num_groups} rows), got {g} rows, rows_per_group="
+                             f"{cache.rows_per_group}, {int((~cache.valid).sum())} holes")
+        if hidden.shape[:2] != (g, t):
+            raise ValueError(f"expected suffix hidden states [{g}, {t}, d], got "
+                             f"{list(hidden.shape)}")
+        ones = torch.ones(g, t, dtype=self.mask.dtype, device=self.mask.device)
+        return PrefixCache(
+            [torch.cat((k, ck), dim=2) for k, ck in zip(self.keys, cache.keys, strict=True)],
+            [torch.cat((v, cv), dim=2) for v, cv in zip(self.values, cache.values, strict=True)],
+            torch.cat((self.mask, ones), dim=1), self.lengths + t,
+            torch.cat((self.hidden, hidden), dim=1),
+            torch.cat((self.hidden_mask, ones.to(self.hidden_mask.dtype)), dim=1), self.common)
+
 
 def common_prefix_length(input_ids: torch.Tensor, mask: torch.Tensor) -> int:
     """The number of leading real tokens that every left-padded prompt [G, L] shares, at
