@@ -1,7 +1,8 @@
 """Resumable training state under ``OUTPUT_DIR/checkpoints/``.
 
 One checkpoint = one folder ``<stage>-<step:08d>`` holding what the stage trains (SFT: the
-whole LatentReasoner in ``model/``; RL: ``latent_ratt.safetensors``, the LLM being frozen),
+whole LatentReasoner in ``model/``; RL: ``latent_ratt.safetensors``, the LLM being frozen,
+or with ``--rl-trainable all`` the whole model in ``model/``),
 ``trainer.pt`` (optimiser, schedule, position in the data order, counters, and every RNG
 in use: Python, NumPy, torch CPU and CUDA, the RL noise generator) and, written last,
 ``complete.json`` listing each file's size. The folder is built under a temporary name
@@ -81,8 +82,11 @@ def _fsync_tree(root: Path) -> dict[str, int]:
 def save_training_state(output_dir: Path, state: TrainingState, reasoner,
                         optimizer: torch.optim.Optimizer,
                         scheduler: torch.optim.lr_scheduler.LRScheduler,
-                        generator: torch.Generator | None = None) -> Path:
-    """Write one complete checkpoint atomically; prune older ones; return its folder."""
+                        generator: torch.Generator | None = None, *,
+                        whole_model: bool | None = None) -> Path:
+    """Write one complete checkpoint atomically; prune older ones; return its folder.
+    ``whole_model``: save the whole LatentReasoner (default: for SFT; RL with
+    ``--rl-trainable all`` trains the LLM too) instead of LatentRATT alone."""
     root = Path(output_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     name = f"{state.stage}-{state.step:08d}"
@@ -91,7 +95,7 @@ def save_training_state(output_dir: Path, state: TrainingState, reasoner,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        if state.stage == "sft":
+        if state.stage == "sft" if whole_model is None else whole_model:
             reasoner.save(tmp / MODEL_DIR)
         else:
             reasoner.save_ratt(tmp)
@@ -190,7 +194,7 @@ def checkpoint_after_step(output_dir: Path, state: TrainingState, reasoner,
                           optimizer: torch.optim.Optimizer,
                           scheduler: torch.optim.lr_scheduler.LRScheduler, *, save_every: int,
                           log, generator: torch.Generator | None = None,
-                          final: bool = False) -> None:
+                          final: bool = False, whole_model: bool | None = None) -> None:
     """After an optimiser step: save every ``save_every`` steps, at the end of a stage
     (``final``) and when a shutdown signal arrived (on any process: all stop after the
     same step), then raise :class:`~fastlatent.shutdown.Interrupted` for the signal.
@@ -201,7 +205,7 @@ def checkpoint_after_step(output_dir: Path, state: TrainingState, reasoner,
     due = final or signum is not None or (save_every > 0 and state.step % save_every == 0)
     if due and distributed.is_main():
         path = save_training_state(output_dir, state, reasoner, optimizer, scheduler,
-                                   generator)
+                                   generator, whole_model=whole_model)
         log.write(state.stage, "checkpoint", step=state.step, path=str(path))
     if signum is not None:
         log.write(state.stage, "interrupted", step=state.step, signal=signum)

@@ -105,6 +105,15 @@ class RLConfig:
                         "norm of the pool | group: GRPO's group-relative advantage "
                         "(s - mean_k s) / (std_k s + 1e-4), the paper's 'w/o batch advantage' "
                         "ablation (needs K >= 2)", choices=("batch", "group"))
+    reward: str = _f("ppl", "ppl: -PPL of the target under each latent row (the paper's "
+                     "latent GRPO) | exact-match: each row writes a title by greedy decoding "
+                     "constrained to the catalogue, reward 1 if it is the target, else 0, loss "
+                     "over the written tokens (the original GRPO of the paper's App. F; use "
+                     "with --advantage group; needs K >= 2)", choices=("ppl", "exact-match"))
+    rl_trainable: str = _f("ratt", "what RL trains: ratt (LatentRATT only, the LLM frozen: the "
+                           "paper's method) | all (the LLM too, at --rl-llm-lr: the original "
+                           "GRPO's full-model tuning)", choices=("ratt", "all"))
+    rl_llm_lr: float = _f(1e-5, "RL learning rate of the LLM with --rl-trainable all")
 
 
 @dataclass
@@ -314,7 +323,7 @@ _POSITIVE_INTS = ("sft_batch_size", "sft_micro_batch", "sft_epochs", "sft_warmup
 FROM_CHECKPOINT = ("model", "latent", "ratt_heads", "ratt_rope_base", "num_latents")
 _NON_NEGATIVE_INTS = ("sft_limit", "rl_limit", "valid_limit", "eval_limit", "rl_micro_batch",
                       "rl_max_steps", "save_every", "sft_lora_r")
-_POSITIVE_FLOATS = ("sft_lr", "rl_lr", "grad_clip", "ratt_rope_base", "dist_timeout",
+_POSITIVE_FLOATS = ("sft_lr", "rl_lr", "rl_llm_lr", "grad_clip", "ratt_rope_base", "dist_timeout",
                     "sft_lora_alpha")
 
 
@@ -363,6 +372,15 @@ def validate_config(cfg: Config, explicit: Iterable[str] = ()) -> None:
         fail("sft_lora_dropout", "expected a probability in [0, 1)")
     if values["sft_lora_r"] > 0 and importlib.util.find_spec("peft") is None:
         fail("sft_lora_r", "needs peft (pip install peft)")
+    if values["reward"] == "exact-match" and values["num_samples"] < 2:
+        fail("num_samples", "--reward exact-match compares the K rows of a prompt (a 0/1 "
+             "reward of one row has no baseline); use --num-samples 8")
+    if values["reward"] == "exact-match" and values["latent"] == "none" and \
+            "latent" in explicit:
+        fail("latent", "--reward exact-match samples latent rows; use --latent ratt")
+    if values["rl_trainable"] == "all" and values["base_quant"] != "none":
+        fail("rl_trainable", "--rl-trainable all trains the LLM, which --base-quant "
+             f"{values['base_quant']} freezes in 8/4 bits; drop one of them")
     if values["advantage"] == "group" and values["num_samples"] < 2:
         fail("num_samples", "the group advantage needs K >= 2 rows per prompt (its std is "
              "over the K rows); use --num-samples 8 or --advantage batch")

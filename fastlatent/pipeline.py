@@ -41,7 +41,7 @@ from fastlatent.model.lora import (
 )
 from fastlatent.model.quantize import quantization_of, quantize_llm
 from fastlatent.model.reasoner import LatentReasoner, ReasonerConfig
-from fastlatent.rl import run_rl
+from fastlatent.rl import load_rl_weights, run_rl
 from fastlatent.runlog import StepLog, write_json_atomic, write_jsonl_atomic
 from fastlatent.sft import run_sft
 
@@ -245,14 +245,15 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
     elif stage in ("rl", "all"):
         if "rl:trained" in progress.done:
             tqdm.write("resume: RL already trained; loading its checkpoint")
-            reasoner.load_ratt(out / "rl")
+            load_rl_weights(reasoner, out / "rl", cfg.rl)
         else:
             rl_resume = resumed("rl")
             if rl_resume is None:
                 seed_everything(seed + 1)
             prompts = [builder.encode(ex)
                        for ex in seeded_sample(splits.train, cfg.data.rl_limit, seed + 1)]
-            rl_result = run_rl(reasoner, prompts, cfg.rl, resume=rl_resume, **train_kwargs)
+            rl_result = run_rl(reasoner, prompts, cfg.rl, resume=rl_resume, trie=trie,
+                               **train_kwargs)
             notes.extend(rl_result.notes)
             progress.finished("rl:trained")
         run_eval("rl")

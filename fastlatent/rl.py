@@ -1,13 +1,17 @@
 """Stage 2, latent GRPO: the LLM is frozen, LatentRATT learns from perplexity rewards.
 
 For each optimiser batch of prompts: K rows per prompt (r^0 = r, r^k = r + sigma*eps),
-reward -PPL of the target, advantage pooled over each micro-batch (default: the whole
-optimiser batch), loss of LATENTR3.md Eq. 8, AdamW with warm-up + cosine, clipping.
+reward -PPL of the target, advantage pooled over the whole optimiser batch (however it is
+split into micro-batches and processes), loss of LATENTR3.md Eq. 8, AdamW with warm-up +
+cosine, clipping. ``--reward exact-match`` swaps in the original GRPO of the paper's
+App. F (each row writes a title; reward 1 if it is the target) and ``--rl-trainable all``
+trains the LLM too (its own learning rate).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +21,7 @@ from tqdm.auto import tqdm
 
 from fastlatent import distributed
 from fastlatent.checkpoint import (
+    MODEL_DIR,
     LoadedCheckpoint,
     TrainingState,
     checkpoint_after_step,
@@ -25,6 +30,7 @@ from fastlatent.checkpoint import (
 from fastlatent.config import RLConfig
 from fastlatent.data.batch import EncodedExample, collate
 from fastlatent.data.sampling import shuffled_batches
+from fastlatent.data.trie import TitleTrie
 from fastlatent.engine.generic import step_for
 from fastlatent.engine.grpo import grpo_advantages, sample_noise
 from fastlatent.model.reasoner import LatentReasoner
@@ -67,8 +73,33 @@ def freeze_llm(reasoner: LatentReasoner) -> list[torch.nn.Parameter]:
     return list(reasoner.ratt.parameters())
 
 
+def rl_param_groups(reasoner: LatentReasoner, cfg: RLConfig) -> list[dict]:
+    """AdamW's parameter groups: LatentRATT at ``--rl-lr``; with ``--rl-trainable all``
+    the LLM too, at ``--rl-llm-lr`` (kept in eval mode: no dropout while it samples)."""
+    groups = [{"params": freeze_llm(reasoner), "lr": cfg.rl_lr}]
+    if cfg.rl_trainable == "all":
+        llm = [p for p in reasoner.llm.parameters()]
+        for p in llm:
+            p.requires_grad_(True)
+        groups.append({"params": llm, "lr": cfg.rl_llm_lr})
+    return groups
+
+
+def load_rl_weights(reasoner: LatentReasoner, directory: Path, cfg: RLConfig) -> None:
+    """Put an RL checkpoint's trained weights into ``reasoner``: LatentRATT, and with
+    ``--rl-trainable all`` the LLM (the checkpoint then holds the whole model)."""
+    if cfg.rl_trainable == "all":
+        saved = LatentReasoner.load(directory / MODEL_DIR if (directory / MODEL_DIR).is_dir()
+                                    else directory)
+        reasoner.llm.load_state_dict(saved.llm.state_dict())
+        reasoner.ratt.load_state_dict(saved.ratt.state_dict())
+        return
+    reasoner.load_ratt(directory)
+
+
 def accumulate_rl_gradients(reasoner: LatentReasoner, batch: Sequence[EncodedExample],
-                            cfg: RLConfig, train_step, generator: torch.Generator
+                            cfg: RLConfig, train_step, generator: torch.Generator,
+                            params: Sequence[torch.nn.Parameter] | None = None
                             ) -> RLBatchResult:
     """Backward of the latent GRPO loss of one optimiser ``batch`` (global: the same on
     every process); its advantage pool is always the whole batch, however it is split
@@ -132,23 +163,28 @@ def accumulate_rl_gradients(reasoner: LatentReasoner, batch: Sequence[EncodedExa
         share = len(chunk) / len(batch)
         (out.loss * share).backward()
         loss += float(out.loss.detach()) * share
-    distributed.all_reduce_gradients(reasoner.ratt.parameters())
+    distributed.all_reduce_gradients(reasoner.ratt.parameters() if params is None else params)
     (loss,) = distributed.sum_floats(loss)
     return RLBatchResult(loss, pool["rewards"], pool["advantages"])
 
 
 def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLConfig, *,
            grad_clip: float, output_dir: Path, log: StepLog, seed: int, save_every: int = 0,
-           max_nonfinite_steps: int = 3, resume: LoadedCheckpoint | None = None) -> RLResult:
-    """Train LatentRATT in place. ``resume``: an RL training checkpoint; its LatentRATT
-    weights are loaded into ``reasoner`` (which must hold the LLM RL started from) and the
-    loop continues from its step with its optimiser, schedule and RNG states."""
+           max_nonfinite_steps: int = 3, resume: LoadedCheckpoint | None = None,
+           trie: TitleTrie | None = None) -> RLResult:
+    """Train LatentRATT (with ``--rl-trainable all``, the LLM too) in place. ``resume``:
+    an RL training checkpoint; its trained weights are loaded into ``reasoner`` (which
+    must hold the LLM RL started from) and the loop continues from its step with its
+    optimiser, schedule and RNG states. ``trie``: the catalogue, for the exact-match
+    reward's decoding."""
     if not prompts:
         raise ValueError("RL needs at least one training prompt")
     if cfg.num_samples < 1:
         raise ValueError(f"expected --num-samples >= 1, got {cfg.num_samples}")
-    params = freeze_llm(reasoner)
-    optimizer = torch.optim.AdamW(params, lr=cfg.rl_lr, weight_decay=0.0)
+    groups = rl_param_groups(reasoner, cfg)
+    params = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.rl_lr, weight_decay=0.0)
+    whole_model = cfg.rl_trainable == "all"
     steps_per_epoch = math.ceil(len(prompts) / cfg.rl_batch_size)
     total_steps = steps_per_epoch * cfg.rl_epochs
     if cfg.rl_max_steps > 0:
@@ -158,7 +194,7 @@ def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLC
         tqdm.write(f"note: {note}")
     scheduler = make_scheduler(optimizer, "rl", warmup, total_steps)
     generator = torch.Generator().manual_seed(seed)
-    train_step = step_for(reasoner, "rl")
+    train_step = step_for(reasoner, "rl", reward=cfg.reward, trie=trie, train_llm=whole_model)
     checkpoint = output_dir / "rl"
     guard = NonFiniteGuard("rl", max_nonfinite_steps,
                            f"the noise (--sigma {cfg.sigma:g}) or learning rate (--rl-lr "
@@ -169,9 +205,10 @@ def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLC
     if resume is None:
         log.write("rl", "start", prompts=len(prompts), total_steps=total_steps,
                   k=cfg.num_samples, sigma=cfg.sigma, advantage=cfg.advantage,
-                  warmup_steps=warmup, note=note)
+                  reward=cfg.reward, trainable=cfg.rl_trainable, warmup_steps=warmup,
+                  note=note)
     else:
-        reasoner.load_ratt(resume.path)
+        load_rl_weights(reasoner, resume.path, cfg)
         state = restore_optimisation(resume, "rl", optimizer, scheduler, generator)
         log.write("rl", "resume", step=state.step, epoch=state.epoch, batch=state.batch,
                   path=str(resume.path))
@@ -184,10 +221,12 @@ def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLC
         for batch in batches[state.batch:]:
             if state.step >= total_steps:
                 break
-            out = accumulate_rl_gradients(reasoner, batch, cfg, train_step, generator)
+            started = time.perf_counter()
+            out = accumulate_rl_gradients(reasoner, batch, cfg, train_step, generator, params)
             finite = all_finite(out.loss, out.rewards, out.advantages)
             grad_norm, lr, applied = clipped_update(optimizer, scheduler, params, grad_clip,
                                                     finite=finite)
+            seconds = time.perf_counter() - started
             state.step, state.batch = state.step + 1, state.batch + 1
             reward0 = float(out.rewards[:, 0].mean())
             x["first"] = reward0 if state.step == 1 else x["first"]
@@ -200,7 +239,11 @@ def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLC
                       reward_std_within=float(out.rewards.std(dim=1).mean())
                       if cfg.num_samples > 1 else 0.0,
                       mean_noisy_advantage=float(noisy.mean()) if noisy.numel() else 0.0,
-                      grad_norm=grad_norm, lr=lr, prompts=len(batch), skipped=not applied)
+                      grad_norm=grad_norm, lr=lr, prompts=len(batch), skipped=not applied,
+                      seconds=round(seconds, 4),
+                      # groups whose K rewards are all equal: zero advantage, no signal
+                      equal_reward_groups=float((out.rewards == out.rewards[:, :1])
+                                                .all(dim=1).float().mean()))
             guard.update(applied, state.step, {"loss": out.loss, "reward_r0": reward0,
                                                "grad_norm": grad_norm})
             if state.batch == len(batches):
@@ -210,7 +253,7 @@ def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLC
                 reasoner.save(checkpoint)
             checkpoint_after_step(output_dir, state, reasoner, optimizer, scheduler,
                                   save_every=save_every, log=log, generator=generator,
-                                  final=stage_or_epoch_over)
+                                  final=stage_or_epoch_over, whole_model=whole_model)
     bar.close()
     return RLResult(state.step, x["first"], x["last"], checkpoint, warmup,
                     [note] if note else [])

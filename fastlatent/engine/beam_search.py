@@ -70,6 +70,7 @@ class TrieTensors:
     child_tokens: torch.Tensor  # [E] int64
     child_nodes: torch.Tensor  # [E] int64
     eos_token_id: int
+    max_length: int = 0  # tokens in the trie's longest path, EOS included
 
     @classmethod
     def from_trie(cls, trie: TitleTrie, vocab_size: int, device: torch.device) -> TrieTensors:
@@ -77,7 +78,8 @@ class TrieTensors:
         if int(tokens.max()) >= vocab_size:
             raise ValueError(f"expected trie token ids below the vocabulary size {vocab_size}, "
                              f"got {int(tokens.max())}")
-        return cls(offsets.to(device), tokens.to(device), nodes.to(device), trie.eos_token_id)
+        return cls(offsets.to(device), tokens.to(device), nodes.to(device), trie.eos_token_id,
+                   trie.max_length)
 
     def expand(self, nodes: torch.Tensor) -> Expansion:
         """Allowed continuations of beams at ``nodes`` [R] (-1 = off the trie).
@@ -171,6 +173,7 @@ def engine_beam_search(
     num_return: int = 10,
     length_penalty: float = 1.0,
     max_new_tokens: int = 128,
+    prefix: PrefixCache | None = None,
 ) -> list[list[Hypothesis]]:
     """Beam search constrained to the titles of ``trie``, prompts encoded once.
 
@@ -180,6 +183,9 @@ def engine_beam_search(
             ends in the thought token.
         trie: the catalogue; its EOS must be the tokenizer's.
         num_beams: at least 2 (as the oracle). num_return: 1..num_beams.
+        prefix: the prompts' cache when the caller holds it already (a prompt extended by
+            generated tokens: :meth:`PrefixCache.extend`), of the prompts as this function
+            encodes them (with a latent, without the thought column); None: encode here.
     Returns:
         per user, up to ``num_return`` hypotheses, best first: distinct complete trie
         paths (generated tokens ending in EOS) with ``Σ log p / len ** length_penalty``;
@@ -187,6 +193,8 @@ def engine_beam_search(
     """
     _check_inputs(reasoner, prompt_ids, prompt_mask, trie, num_beams, num_return,
                   max_new_tokens)
+    if prefix is not None:
+        _check_prefix(reasoner, prefix, prompt_mask)
     decoder = Decoder(reasoner.llm)
     users, device = prompt_ids.shape[0], prompt_ids.device
     steps = min(max_new_tokens, trie.max_length)
@@ -196,7 +204,7 @@ def engine_beam_search(
     pool = FinishedPool.empty(users, num_beams, steps, device)
     still_open = torch.ones(users, 1, dtype=torch.bool, device=device)
     prefix, latents, first_logp = _encode_prompts(reasoner, decoder, prompt_ids, prompt_mask,
-                                                  num_beams)
+                                                  num_beams, prefix)
     running = None  # the newest model run: its rows, hidden states and cache
     parents = None  # each live beam's parent beam, from the previous step
     for step in range(1, steps + 1):
@@ -368,17 +376,21 @@ def _forced_tokens(trie_t: TrieTensors, nodes: torch.Tensor, real: torch.Tensor,
 
 
 def _encode_prompts(reasoner: LatentReasoner, decoder: Decoder, prompt_ids: torch.Tensor,
-                    prompt_mask: torch.Tensor, num_beams: int
+                    prompt_mask: torch.Tensor, num_beams: int,
+                    prefix: PrefixCache | None = None
                     ) -> tuple[PrefixCache, torch.Tensor | None, torch.Tensor | None]:
-    """Encode each prompt once. Returns the prefix cache and either the first suffix
-    input of each user (with a latent: its latents, [B, num_latents, d]) or, without one,
-    the first step's log-probs [B·N, V] from the prompt's last hidden state."""
+    """Encode each prompt once (or take the caller's ``prefix`` of them). Returns the
+    prefix cache and either the first suffix input of each user (with a latent: its
+    latents, [B, num_latents, d]) or, without one, the first step's log-probs [B·N, V]
+    from the prompt's last hidden state."""
     if reasoner.uses_latent:
-        prefix = decoder.prefix(prompt_ids[:, :-1], prompt_mask[:, :-1])
+        if prefix is None:
+            prefix = decoder.prefix(prompt_ids[:, :-1], prompt_mask[:, :-1])
         first = reasoner.thought(prefix.hidden, prefix.hidden_mask)
         latents = chain_latents(reasoner, decoder, prefix, first, 1).to(prefix.hidden.dtype)
         return prefix, latents, None
-    prefix = decoder.prefix(prompt_ids, prompt_mask)
+    if prefix is None:
+        prefix = decoder.prefix(prompt_ids, prompt_mask)
     logp = _log_probs(decoder, prefix.last_hidden)
     return prefix, None, logp.repeat_interleave(num_beams, dim=0)
 
@@ -493,3 +505,15 @@ def _check_inputs(reasoner: LatentReasoner, prompt_ids: torch.Tensor,
         raise ValueError(f"expected 1 <= num_return <= num_beams ({num_beams}), got {num_return}")
     if max_new_tokens < 1:
         raise ValueError(f"expected max_new_tokens >= 1, got {max_new_tokens}")
+
+
+def _check_prefix(reasoner: LatentReasoner, prefix: PrefixCache,
+                  prompt_mask: torch.Tensor) -> None:
+    """A caller's prefix cache must hold the prompts (thought column excluded)."""
+    real = prompt_mask[:, :-1] if reasoner.uses_latent else prompt_mask
+    lengths = real.long().sum(-1)
+    if prefix.num_groups != prompt_mask.shape[0] or not torch.equal(
+            prefix.lengths.to(lengths.device), lengths):
+        raise ValueError(f"expected a prefix cache of the {prompt_mask.shape[0]} prompts "
+                         f"(real lengths {lengths.tolist()}), got {prefix.num_groups} prompts "
+                         f"of lengths {prefix.lengths.tolist()}")

@@ -19,8 +19,9 @@ import torch
 from fastlatent import distributed
 from fastlatent.data.batch import Batch
 from fastlatent.data.trie import TitleTrie
-from fastlatent.engine.beam_search import engine_beam_search
+from fastlatent.engine.beam_search import TrieTensors, engine_beam_search
 from fastlatent.engine.decoder import Decoder, UnsupportedModelError
+from fastlatent.engine.exact_match import exact_match_rl_step
 from fastlatent.engine.generate_search import generate_beam_search
 from fastlatent.engine.grpo import (
     latent_grpo_loss,
@@ -107,13 +108,29 @@ def _unsupported(reasoner: LatentReasoner) -> UnsupportedModelError | None:
     return None
 
 
-def step_for(reasoner: LatentReasoner, stage: str) -> Callable[..., Any]:
+def step_for(reasoner: LatentReasoner, stage: str, *, reward: str = "ppl",
+             trie: TitleTrie | None = None, train_llm: bool = False) -> Callable[..., Any]:
     """The engine's ``sft_step`` / ``rl_step`` bound to one Decoder, or, for a model family
     the Decoder does not reproduce, the generic full-sequence step (with a one-line
-    notice)."""
+    notice). RL with ``reward="exact-match"`` (it decodes over ``trie``) or ``train_llm``
+    runs on the engine only."""
     if stage not in ("sft", "rl"):
         raise ValueError(f"expected stage 'sft' or 'rl', got {stage!r}")
+    if reward not in ("ppl", "exact-match"):
+        raise ValueError(f"expected reward 'ppl' or 'exact-match', got {reward!r}")
     err = _unsupported(reasoner)
+    if stage == "rl" and (reward == "exact-match" or train_llm):
+        if err is not None:
+            raise UnsupportedModelError(f"{err}; --reward exact-match and --rl-trainable all "
+                                        "need the engine (Llama, Qwen2/2.5/3, Mistral)")
+        decoder = Decoder(reasoner.llm)
+        if reward == "ppl":
+            return partial(rl_step, decoder=decoder, train_llm=train_llm)
+        if trie is None:
+            raise ValueError("the exact-match reward needs the catalogue's trie")
+        vocab = reasoner.llm.get_output_embeddings().weight.shape[0]
+        return partial(exact_match_rl_step, decoder=decoder, train_llm=train_llm,
+                       trie=TrieTensors.from_trie(trie, vocab, reasoner.device))
     if err is not None:
         if distributed.is_main():
             print(f"notice: {err}; using the straightforward (slower) path", file=sys.stderr)

@@ -69,7 +69,8 @@ def latent_grpo_loss(token_logprobs: torch.Tensor, target_mask: torch.Tensor,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """loss = -(1/(B*K)) sum_b sum_k A_bk * mean_t log pi(y_t | x_b, r^k_b).
 
-    token_logprobs [B, K, T] (with gradient), target_mask [B, T], rewards [B, K].
+    token_logprobs [B, K, T] (with gradient), target_mask [B, T] (or [B, K, T] when each
+    row scores its own tokens, as the exact-match reward's written titles), rewards [B, K].
     ``advantages`` [B, K], when given, were pooled by the caller over more than these
     rows (the optimiser batch) and are used as they are. ``pool_rewards``, when given,
     maps these rows' rewards to their advantages pooled over rows held elsewhere (other
@@ -94,11 +95,12 @@ def grpo_loss_given_advantages(token_logprobs: torch.Tensor, target_mask: torch.
     if token_logprobs.dim() != 3 or advantages.shape != token_logprobs.shape[:2]:
         raise ValueError(f"expected token_logprobs [B, K, T] and advantages [B, K], got "
                          f"{tuple(token_logprobs.shape)} and {tuple(advantages.shape)}")
-    expected_mask = (token_logprobs.shape[0], token_logprobs.shape[2])
-    if tuple(target_mask.shape) != expected_mask:
-        raise ValueError(f"expected target_mask [B, T] = {expected_mask}, "
-                         f"got {tuple(target_mask.shape)}")
-    per_row = mean_token_logprob(token_logprobs.float(), target_mask[:, None, :])
+    b, k, t = token_logprobs.shape
+    if tuple(target_mask.shape) not in ((b, t), (b, k, t)):
+        raise ValueError(f"expected target_mask [B, T] = {(b, t)} (one target per prompt) or "
+                         f"[B, K, T] = {(b, k, t)} (one per row), got {tuple(target_mask.shape)}")
+    mask = target_mask if target_mask.dim() == 3 else target_mask[:, None, :]
+    per_row = mean_token_logprob(token_logprobs.float(), mask)
     return -(advantages.detach().float() * per_row).mean()
 
 

@@ -63,14 +63,16 @@ def rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma: float,
             generator: torch.Generator | None = None, eps: float | None = None,
             advantages: torch.Tensor | None = None,
             pool_rewards: Callable[[torch.Tensor], torch.Tensor] | None = None,
-            decoder: Decoder | None = None, backend: str | None = None) -> RLStepOutput:
+            train_llm: bool = False, decoder: Decoder | None = None,
+            backend: str | None = None) -> RLStepOutput:
     """Latent GRPO loss for one micro-batch: the advantage pool, unless ``advantages``
     [B, K] pooled over a larger batch by the caller are given.
 
-    One prefix pass per prompt (frozen LLM, no gradient) -> LatentRATT -> K-way expansion
-    r^k = r + sigma*eps_k (eps_0 = 0) -> one suffix pass over [r^k, y] for all B*K rows
-    against the shared prompt cache -> fused log-probs -> rewards and loss from that same
-    pass. Same contract as fastlatent.engine.generic.generic_rl_step.
+    One prefix pass per prompt (frozen LLM: no gradient, unless ``train_llm``) ->
+    LatentRATT -> K-way expansion r^k = r + sigma*eps_k (eps_0 = 0) -> one suffix pass
+    over [r^k, y] for all B*K rows against the shared prompt cache -> fused log-probs ->
+    rewards and loss from that same pass. Same contract as
+    fastlatent.engine.generic.generic_rl_step.
     """
     if k < 1:
         raise ValueError(f"expected k >= 1, got {k}")
@@ -79,7 +81,7 @@ def rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma: float,
     reasoner.check_prompt(batch.prompt_ids, batch.prompt_mask)
     decoder = decoder or Decoder(reasoner.llm)
     b, d = len(batch), reasoner.llm.config.hidden_size
-    with torch.no_grad():
+    with torch.set_grad_enabled(train_llm and torch.is_grad_enabled()):
         prefix = decoder.prefix(batch.prompt_ids[:, :-1], batch.prompt_mask[:, :-1])
     if noise is None:
         noise = sample_noise(b, k, d, generator=generator, device=prefix.hidden.device)
