@@ -37,10 +37,10 @@ def test_sequential_samples_order_ties_and_history():
     ]
     samples = sequential_samples(events, TITLES)
     assert samples == [
-        Example("u1", ("A",), "B", 1, 10),
-        Example("u1", ("A", "B"), "C", 2, 30),
-        Example("u2", ("A",), "D", 3, 30),  # tie at t=30: u1 came first in the input
-        Example("u1", ("A", "B", "C"), "E", 4, 40),
+        Example("u1", ("A",), "B", 1, 10, (0,)),
+        Example("u1", ("A", "B"), "C", 2, 30, (0, 1)),
+        Example("u2", ("A",), "D", 3, 30, (0,)),  # tie at t=30: u1 came first in the input
+        Example("u1", ("A", "B", "C"), "E", 4, 40, (0, 1, 2)),
     ]
 
 
@@ -102,9 +102,9 @@ def test_movielens_from_files_parses_by_header_names(tmp_path):
                                    "Chasing Amy (1997)")
     samples = [ex for s in ("train", "valid", "test") for ex in ds.split(s)]
     assert samples == [
-        Example("20", ("Chasing Amy (1997)",), "Toy Story (1995)", 0, 200),
-        Example("10", ("Chasing Amy (1997)",), "unknown", 2, 400),
-        Example("10", ("Chasing Amy (1997)", "unknown"), "Toy Story (1995)", 0, 500),
+        Example("20", ("Chasing Amy (1997)",), "Toy Story (1995)", 0, 200, (3,)),
+        Example("10", ("Chasing Amy (1997)",), "unknown", 2, 400, (1,)),
+        Example("10", ("Chasing Amy (1997)", "unknown"), "Toy Story (1995)", 0, 500, (1, 2)),
     ]
     assert samples[0].history == ("Chasing Amy (1997)",)  # item 9 -> id 3, same title as id 1
 
@@ -192,10 +192,12 @@ def test_load_csv_dir(tmp_path):
     assert ds.catalogue.titles == tuple(INFO)
     assert sorted(ds.splits) == ["test", "valid"]
     assert ds.split("valid") == [
-        Example("u1", ("Kansas",), "Monolith", 2, 100),
-        Example("u2", ("Greatest Hits", "Kansas", "Monolith"), 'Don\'t "Stop"', 4, 101),
+        Example("u1", ("Kansas",), "Monolith", 2, 100, (1,)),
+        Example("u2", ("Greatest Hits", "Kansas", "Monolith"), 'Don\'t "Stop"', 4, 101,
+                (0, 1, 2)),
     ]
-    assert ds.split("test") == [Example("u1", ("Kansas", "Monolith"), "Greatest Hits", 3, 200)]
+    assert ds.split("test") == [Example("u1", ("Kansas", "Monolith"), "Greatest Hits", 3, 200,
+                                        (1, 2))]
 
 
 def test_load_csv_dir_picks_splits(tmp_path):
@@ -373,10 +375,12 @@ def test_real_amazon_cds():
     assert collections.Counter(ds.catalogue.titles)["Greatest Hits"] == 54
     first = ds.split("valid")[0]
     assert first == Example("A3KWI8FRECW7QE", ("Freaks of Nature", "Kansas"),
-                            "Point of Know Return", 1381, 1504656000)
+                            "Point of Know Return", 1381, 1504656000, (5198, 3227))
     rows = ds.split("valid") + ds.split("test")
     assert all(1 <= len(ex.history) <= 10 for ex in rows)
     assert all(ds.catalogue.titles[ex.target_item] == ex.target for ex in rows)
+    assert all(tuple(ds.catalogue.titles[i] for i in ex.history_items) == ex.history
+               for ex in rows)
     times = [ex.target_time for ex in rows]
     assert times == sorted(times)
 

@@ -105,8 +105,9 @@ def read_info_file(path: Path) -> Catalogue:
 def read_split_csv(path: Path, catalogue: Catalogue, *, info_path: Path) -> list[Example]:
     """Parse one split's CSV into examples; every target must be a catalogue title.
 
-    ``user`` is "" when there is no ``user_id`` column; ``target_item`` / ``target_time``
-    are None without ``item_id`` / ``timestamp``. Histories keep their last 10 titles.
+    ``user`` is "" when there is no ``user_id`` column; ``target_item`` / ``target_time`` /
+    ``history_items`` are None without ``item_id`` / ``timestamp`` / ``history_item_id``.
+    Histories keep their last 10 titles (and ids).
 
     Rows are reported as "data row R (line L)": R counts records after the header from 1,
     L is the file line the record ends on.
@@ -213,6 +214,7 @@ def _example(row: list[str], header: _Columns, where: str, catalogue: Catalogue,
                         f"got {len(row)}")
     columns = header.index
     history = _title_list(row[columns["history_item_title"]], where)
+    ids = None
     if "history_item_id" in columns:
         ids = _literal_list(row[columns["history_item_id"]], where, "history_item_id", int,
                             "[12, 7]")
@@ -236,7 +238,8 @@ def _example(row: list[str], header: _Columns, where: str, catalogue: Catalogue,
         time = _parse_int(row[columns["timestamp"]], where, "timestamp")
     user = row[columns["user_id"]] if "user_id" in columns else ""
     return Example(user=user, history=tuple(history)[-MAX_HISTORY:], target=target,
-                   target_item=item, target_time=time)
+                   target_item=item, target_time=time,
+                   history_items=None if ids is None else tuple(ids)[-MAX_HISTORY:])
 
 
 def _title_list(text: str, where: str) -> list[str]:

@@ -12,7 +12,9 @@ class Example:
     """One next-item sample: the user's last <=10 item titles (oldest first) and the target.
 
     ``target_time`` orders samples for temporal splits; ``target_item`` is the catalogue id
-    of the target when the source knows it (used for popularity statistics).
+    of the target when the source knows it (used for popularity statistics);
+    ``history_items`` the catalogue ids of ``history``, one per title, when the source
+    knows them (titles need not be unique: ID-based baselines need the ids).
     """
 
     user: str
@@ -20,6 +22,7 @@ class Example:
     target: str
     target_item: int | None = None
     target_time: int | None = None
+    history_items: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

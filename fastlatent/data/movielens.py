@@ -142,10 +142,11 @@ def sequential_samples(
     for user, events in by_user.items():
         events = sorted(events, key=lambda event: event.time)
         for i in range(1, len(events)):
-            history = tuple(titles[e.item] for e in events[max(0, i - max_history):i])
+            items = tuple(e.item for e in events[max(0, i - max_history):i])
             target = events[i]
-            samples.append(Example(user=user, history=history, target=titles[target.item],
-                                   target_item=target.item, target_time=target.time))
+            samples.append(Example(user=user, history=tuple(titles[j] for j in items),
+                                   target=titles[target.item], target_item=target.item,
+                                   target_time=target.time, history_items=items))
     samples.sort(key=lambda ex: ex.target_time)
     return samples
 
