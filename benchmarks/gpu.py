@@ -18,6 +18,9 @@ hub, no data download), under 10 minutes:
 7. ``reasoning_latency``: ``reasoning_latency.py`` on the random-weight SmolLM2-135M, bf16:
    seconds per user of constrained beam search with no thought, 1 and 8 latents, and a
    32- and 128-token textual chain of thought; what one latent costs in tokens.
+8. ``grpo_cost``: ``grpo_cost.py`` on the random-weight SmolLM2-135M, bf16, 32 prompts x
+   K = 8: one RL optimiser step with the PPL reward against the exact-match reward
+   (LatentRATT only, and the whole model): the paper's Figure 4 cost ratio.
 
 Each step runs in a subprocess with its own time limit; a failing step is recorded and
 the rest still run. Writes ``DIR/gpu.json`` and ``DIR/gpu.md`` (a section for
@@ -82,6 +85,9 @@ def steps(dry_run: bool, out: Path) -> list[tuple[str, list[str], int, dict[str,
         reasoning = [py, "benchmarks/reasoning_latency.py", "--model", "tiny-random",
                      "--data", "synthetic", "--users", "2", "--batch", "2", "--repeats", "1",
                      "--cot-tokens", "2,4", "--num-latents", "2", "--device", "cpu", "--json"]
+        grpo = [py, "benchmarks/grpo_cost.py", "--model", "tiny-random", "--data", "synthetic",
+                "--prompts", "2", "--num-samples", "2", "--repeats", "1", "--warmup", "0",
+                "--device", "cpu", "--json"]
     else:
         tests = [py, "-m", "pytest", "-q", "-m", "gpu", "tests/", "-p", "no:cacheprovider"]
         bench = [py, "-m", "pytest", "-q", "benchmarks/", "--benchmark-only",
@@ -94,13 +100,17 @@ def steps(dry_run: bool, out: Path) -> list[tuple[str, list[str], int, dict[str,
         reasoning = [py, "benchmarks/reasoning_latency.py", "--model", "smollm2-135m-random",
                      "--data", "synthetic", "--users", "16", "--batch", "8", "--repeats", "5",
                      "--dtype", "bfloat16", "--device", "cuda", "--json"]
-    # Time limits sum to 560 s: the whole call fits the device tool's 10-minute limit.
+        grpo = [py, "benchmarks/grpo_cost.py", "--model", "smollm2-135m-random", "--data",
+                "synthetic", "--prompts", "32", "--num-samples", "8", "--repeats", "3",
+                "--dtype", "bfloat16", "--device", "cuda", "--json"]
+    # Time limits sum to 580 s: the whole call fits the device tool's 10-minute limit.
     return [("device", device, 60, {}),
             ("gpu_tests", tests, 100, interp),
             ("op_benchmarks", bench, 100, interp),
-            ("compile_check", compile_, 80, no_interp),
-            ("rl_step", rl, 130, {}),
-            ("reasoning_latency", reasoning, 90, {})]
+            ("compile_check", compile_, 70, no_interp),
+            ("rl_step", rl, 120, {}),
+            ("reasoning_latency", reasoning, 70, {}),
+            ("grpo_cost", grpo, 60, {})]
 
 
 def run_step(name: str, cmd: list[str], timeout: int, env_extra: dict[str, str],
@@ -225,6 +235,12 @@ def markdown(report: dict[str, Any]) -> str:
             f"{name} {v['median_s_per_user']:.4f} (x{v['ratio_to_none']:.2f})"
             for name, v in variants.items()) + "; one latent = "
             f"{reasoning.get('latent1_in_tokens')} tokens of a chain of thought."]
+    grpo = (report["steps"].get("grpo_cost") or {}).get("json") or {}
+    if "ppl_s" in grpo:
+        lines += ["", f"GRPO step cost (Fig. 4): PPL reward {grpo['ppl_s']:.4f} s, exact-match "
+                      f"{grpo.get('exact_match_s')} s (x{grpo.get('exact_match_vs_ppl')}), "
+                      f"exact-match on the whole model {grpo.get('exact_match_all_s')} s "
+                      f"(x{grpo.get('exact_match_all_vs_ppl')}); the paper: about x5."]
     return "\n".join(lines) + "\n"
 
 

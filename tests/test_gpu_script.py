@@ -24,7 +24,7 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "gpu.json").read_text())
     assert set(report["steps"]) == {"device", "gpu_tests", "op_benchmarks", "compile_check",
-                                    "rl_step", "reasoning_latency"}
+                                    "rl_step", "reasoning_latency", "grpo_cost"}
     assert all(step["rc"] == 0 for step in report["steps"].values())
     assert report["steps"]["compile_check"]["json"]["compiled"] >= 1
     rl = report["rl"]
@@ -36,6 +36,9 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     reasoning = report["steps"]["reasoning_latency"]["json"]
     assert set(reasoning["variants"]) == {"none", "latent1", "latent2", "cot2", "cot4"}
     assert "Reasoning latency" in md
+    grpo = report["steps"]["grpo_cost"]["json"]
+    assert grpo["ppl_s"] > 0 and grpo["exact_match_all_vs_ppl"] > 0
+    assert "GRPO step cost" in md
 
 
 def test_flop_floor_counts_what_the_step_must_compute():
