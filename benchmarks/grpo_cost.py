@@ -35,24 +35,18 @@ PATHS = {"ppl": ("ppl", "ratt"), "exact_match": ("exact-match", "ratt"),
 
 
 def build(args):
+    """The reasoner, one optimiser batch of encoded training rows and the catalogue's trie."""
     import torch
+    from rl_step import setup
 
-    from fastlatent.data.prompt import PromptBuilder
     from fastlatent.data.sampling import seeded_sample
-    from fastlatent.data.sources import load_dataset
     from fastlatent.evaluate import build_title_trie
-    from fastlatent.model.loading import load_llm
-    from fastlatent.model.reasoner import LatentReasoner, ReasonerConfig
 
-    dataset = load_dataset(args.data, seed=0)
-    texts = list(dataset.catalogue.distinct_titles)
-    llm, tok = load_llm(args.model, dtype=args.dtype, tokenizer_texts=texts, seed=0)
-    reasoner = LatentReasoner.build(llm, tok, ReasonerConfig()).to(args.device)
-    builder = PromptBuilder(tok, domain=dataset.domain, template=args.template)
+    dataset, reasoner, builder = setup(args)
     rows = seeded_sample(dataset.split(args.train_split), args.prompts, seed=0)
     torch.manual_seed(0)
-    return reasoner, [builder.encode(ex) for ex in rows], build_title_trie(builder,
-                                                                           dataset.catalogue)
+    return (reasoner, [builder.encode(ex) for ex in rows],
+            build_title_trie(builder, dataset.catalogue))
 
 
 def step_function(reasoner, rows, trie, reward: str, trainable: str, args):

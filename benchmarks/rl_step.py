@@ -51,14 +51,11 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
 
 
-def build(args, encoded_rows: bool = False):
-    import torch
-
-    from fastlatent.data.batch import collate
+def setup(args):
+    """The dataset, a LatentReasoner over ``args.model`` (LatentRATT at its seeded init) on
+    ``args.device`` and its prompt builder: what every benchmark of a step starts from."""
     from fastlatent.data.prompt import PromptBuilder
-    from fastlatent.data.sampling import seeded_sample
     from fastlatent.data.sources import load_dataset
-    from fastlatent.evaluate import build_title_trie
     from fastlatent.model.loading import load_llm
     from fastlatent.model.reasoner import LatentReasoner, ReasonerConfig
 
@@ -66,7 +63,18 @@ def build(args, encoded_rows: bool = False):
     texts = list(dataset.catalogue.distinct_titles)
     llm, tok = load_llm(args.model, dtype=args.dtype, tokenizer_texts=texts, seed=0)
     reasoner = LatentReasoner.build(llm, tok, ReasonerConfig()).to(args.device)
-    builder = PromptBuilder(tok, domain=dataset.domain, template=args.template)
+    return dataset, reasoner, PromptBuilder(tok, domain=dataset.domain, template=args.template)
+
+
+def build(args, encoded_rows: bool = False):
+    import torch
+
+    from fastlatent.data.batch import collate
+    from fastlatent.data.sampling import seeded_sample
+    from fastlatent.evaluate import build_title_trie
+
+    dataset, reasoner, builder = setup(args)
+    tok = reasoner.tokenizer
     rows = seeded_sample(dataset.split(args.train_split), args.prompts, seed=0)
     if encoded_rows:  # the trainer's input: one optimiser batch of encoded examples
         torch.manual_seed(0)
