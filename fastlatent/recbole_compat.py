@@ -92,12 +92,22 @@ def import_recbole() -> dict[str, Any]:
     ``recbole.quick_start``."""
     check_recbole_installed()
     restore_numpy_aliases()
-    from recbole.config import Config
-    from recbole.data import create_dataset, data_preparation
-    from recbole.data.interaction import Interaction
-    from recbole.model import sequential_recommender
-    from recbole.trainer import Trainer
-    from recbole.utils import init_seed
+    import torch
+
+    # Shim 7: importing the sequential models runs recbole/model/sequential_recommender/
+    # sine.py, which calls torch.autograd.set_detect_anomaly(True) at module level: every
+    # later backward in the process (fastlatent's own, too) would be slowed and would
+    # raise on a NaN gradient instead of letting the non-finite-step guard skip it.
+    anomaly = torch.is_anomaly_enabled()
+    try:
+        from recbole.config import Config
+        from recbole.data import create_dataset, data_preparation
+        from recbole.data.interaction import Interaction
+        from recbole.model import sequential_recommender
+        from recbole.trainer import Trainer
+        from recbole.utils import init_seed
+    finally:
+        torch.autograd.set_detect_anomaly(anomaly)
 
     return {"Config": Config, "create_dataset": create_dataset,
             "data_preparation": data_preparation, "Trainer": Trainer, "init_seed": init_seed,

@@ -103,6 +103,21 @@ def test_in_memory_trainer_reloads_the_best_state(tmp_path, monkeypatch):
 
 
 @needs_recbole
+def test_importing_recbole_leaves_anomaly_detection_as_it_was():
+    """RecBole's sine.py turns torch's anomaly detection on at import; in a fresh process
+    (the suite's may have imported RecBole already) it must stay off, and on when on."""
+    code = ("import torch; from fastlatent import recbole_compat as c; "
+            "torch.autograd.set_detect_anomaly({on}); c.import_recbole(); "
+            "import recbole.model.sequential_recommender.sine; "
+            "print(torch.is_anomaly_enabled())")
+    for on in (False, True):
+        done = subprocess.run([sys.executable, "-c", code.format(on=on)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.strip().splitlines()[-1] == str(on)
+
+
+@needs_recbole
 def test_recbole_config_leaves_the_cuda_devices_alone(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
     recbole = recbole_compat.import_recbole()

@@ -43,8 +43,8 @@ def poisoned_steps(monkeypatch, module, bad_calls, field):
     real_step_for = generic.step_for
     calls = {"n": 0}
 
-    def step_for(reasoner, stage):
-        step = real_step_for(reasoner, stage)
+    def step_for(reasoner, stage, **kwargs):
+        step = real_step_for(reasoner, stage, **kwargs)
 
         def poisoned(*args, **kwargs):
             out = step(*args, **kwargs)
