@@ -260,10 +260,11 @@ def variant_command(v: Variant, args: argparse.Namespace, out: Path) -> list[str
                 "--models", ",".join(BASELINE_MODELS), "--output-dir", str(out / v.name),
                 "--seed", str(args.seed), "--eval-limit", str(eval_limit(args)),
                 *BASELINE_BUDGETS[args.budget]]
+    # --baselines none: the traditional models are the harness's own `baselines` variant
     cmd = [sys.executable, "-m", "fastlatent.train", *BUDGETS[args.budget],
            "--data", args.data, "--train-split", args.train_split,
            "--eval-split", args.eval_split, "--seed", str(args.seed),
-           "--output-dir", str(out / v.name), *v.flags]
+           "--output-dir", str(out / v.name), "--baselines", "none", *v.flags]
     if v.after:  # the checkpoint fixes the model
         cmd += ["--checkpoint", str(out / v.after / v.model_dir)]
     else:

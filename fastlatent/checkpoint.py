@@ -5,13 +5,15 @@ whole LatentReasoner in ``model/``; RL: ``latent_ratt.safetensors``, the LLM bei
 or with ``--rl-trainable all`` the whole model in ``model/``),
 ``trainer.pt`` (optimiser, schedule, position in the data order, counters, and every RNG
 in use: Python, NumPy, torch CPU and CUDA, the RL noise generator) and, written last,
-``complete.json`` listing each file's size. The folder is built under a temporary name
-and renamed into place, so it is either complete or absent; the previous checkpoint is
-deleted only after the new one is complete (the newest ``KEEP`` are kept).
+``complete.json`` listing each file's size and sha256 (verified on load). The folder is
+built under a temporary name and renamed into place, so it is either complete or absent;
+the previous checkpoint is deleted only after the new one is complete (the newest
+``KEEP`` are kept).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -31,6 +33,7 @@ CHECKPOINTS = "checkpoints"
 COMPLETE_FILE, TRAINER_FILE, MODEL_DIR = "complete.json", "trainer.pt", "model"
 STAGE_ORDER = {"sft": 0, "rl": 1}
 KEEP = 2
+HASH_CHUNK = 1 << 22  # 4 MiB reads
 _NAME = re.compile(r"^(sft|rl)-(\d{8})$")
 
 
@@ -69,14 +72,50 @@ def restore_rng_states(states: dict[str, Any], generator: torch.Generator | None
         generator.set_state(states["generator"])
 
 
-def _fsync_tree(root: Path) -> dict[str, int]:
-    """Flush every file under ``root`` to disk; returns relative path -> size."""
-    sizes = {}
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, hex: in the standard library, hardware-accelerated on
+    current CPUs, and strong enough that no corruption goes unseen (measured in
+    benchmarks/RESULTS.md, "checkpoint checksums")."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_tree(root: Path) -> dict[str, dict[str, Any]]:
+    """Flush every file under ``root`` to disk; returns relative path -> its size and
+    sha256 (what ``complete.json`` records and loading verifies)."""
+    files = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-        sizes[str(path.relative_to(root))] = path.stat().st_size
-    return sizes
+        files[str(path.relative_to(root))] = {"bytes": path.stat().st_size,
+                                               "sha256": file_digest(path)}
+    return files
+
+
+def verify_files(path: Path, files: dict[str, Any]) -> None:
+    """Each file of ``complete.json`` has its recorded size and sha256 (checkpoints
+    written before checksums record the size alone).
+
+    Raises:
+        CheckpointError: naming the first file that is missing, of another size or whose
+            content changed.
+    """
+    for rel, expected in files.items():
+        file = path / rel
+        size, digest = ((expected, None) if isinstance(expected, int)
+                        else (expected.get("bytes"), expected.get("sha256")))
+        actual = file.stat().st_size if file.is_file() else None
+        if actual != size:
+            raise CheckpointError(f"{file}: expected {size} bytes, found "
+                                  f"{'no file' if actual is None else f'{actual} bytes'}; the "
+                                  f"checkpoint {path} is damaged")
+        if digest is not None and file_digest(file) != digest:
+            raise CheckpointError(f"{file}: its content changed since it was written (sha256 "
+                                  f"differs from complete.json); the checkpoint {path} is "
+                                  "damaged")
 
 
 def save_training_state(output_dir: Path, state: TrainingState, reasoner,
@@ -102,9 +141,9 @@ def save_training_state(output_dir: Path, state: TrainingState, reasoner,
         torch.save({"state": state.__dict__, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": rng_states(generator)},
                    tmp / TRAINER_FILE)
-        sizes = _fsync_tree(tmp)
+        files = _fsync_tree(tmp)
         (tmp / COMPLETE_FILE).write_text(json.dumps(
-            {"stage": state.stage, "step": state.step, "files": sizes}, indent=2) + "\n")
+            {"stage": state.stage, "step": state.step, "files": files}, indent=2) + "\n")
         _fsync_tree(tmp)
         if final.exists():  # the same step saved twice (e.g. a resumed run's first save)
             shutil.rmtree(final)
@@ -156,17 +195,13 @@ def load_training_state(path: Path) -> LoadedCheckpoint:
     complete = path / COMPLETE_FILE
     try:
         manifest = json.loads(complete.read_text(encoding="utf-8"))
-        sizes = manifest["files"]
+        files = manifest["files"]
+        if not isinstance(files, dict):
+            raise TypeError(f"'files' is a {type(files).__name__}")
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{complete}: unreadable ({err}); the checkpoint {path} is "
                               "incomplete or damaged") from None
-    for rel, size in sizes.items():
-        file = path / rel
-        actual = file.stat().st_size if file.is_file() else None
-        if actual != size:
-            raise CheckpointError(f"{file}: expected {size} bytes, found "
-                                  f"{'no file' if actual is None else f'{actual} bytes'}; the "
-                                  f"checkpoint {path} is damaged")
+    verify_files(path, files)
     trainer = path / TRAINER_FILE
     try:
         payload = torch.load(trainer, map_location="cpu", weights_only=False)

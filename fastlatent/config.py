@@ -132,6 +132,13 @@ class EvalConfig:
     length_penalty: float = _f(1.0, "beam score = sum log p / L^lp: 1.0 BIGRec, 0.0 D3")
     max_new_tokens: int = _f(128, "longest title (tokens) the beam search may write")
     eval_batch_size: int = _f(4, "users per beam-search batch")
+    baselines: str = _f("auto", "traditional recommenders reported beside the popularity "
+                        "baseline, trained by RecBole on the run's rows once and cached "
+                        "(python -m fastlatent.baselines): auto (SASRec when the [baselines] "
+                        "extra is installed) | none | comma-separated names (sasrec, "
+                        "gru4rec, caser, ...)")
+    baseline_epochs: int = _f(300, "most training epochs of each --baselines model, early-"
+                              "stopped on the held-out rows (300: RecBole's default)")
 
 
 @dataclass
@@ -181,7 +188,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(model="tiny-random", data="synthetic", sft_limit=0, sft_batch_size=16,
                   sft_micro_batch=8, sft_epochs=2, sft_warmup_steps=2, sft_lr=3e-3,
                   rl_batch_size=8, rl_max_steps=2, rl_warmup_steps=1, rl_lr=1e-3,
-                  eval_limit=12, num_beams=5, max_new_tokens=24, save_every=10),
+                  eval_limit=12, num_beams=5, max_new_tokens=24, save_every=10,
+                  baseline_epochs=2),
     # Sized for 2 CPU cores with the engine (benchmarks/RESULTS.md: SmolLM2-135M there does
     # an SFT step of 32 examples in ~51 s, an RL step of 8 prompts x K=8 in ~12 s, and
     # beam search at ~1.25 s per user): 17 min 47 s measured alone.
@@ -318,7 +326,7 @@ def config_file_text(cfg: Config) -> str:
 _POSITIVE_INTS = ("sft_batch_size", "sft_micro_batch", "sft_epochs", "sft_warmup_steps",
                   "patience", "rl_batch_size", "rl_epochs", "rl_warmup_steps", "num_samples",
                   "ratt_heads", "num_beams", "max_new_tokens", "eval_batch_size",
-                  "max_nonfinite_steps")
+                  "max_nonfinite_steps", "baseline_epochs")
 # What a saved LatentReasoner fixes: with --checkpoint these come from its fastlatent.json.
 FROM_CHECKPOINT = ("model", "latent", "ratt_heads", "ratt_rope_base", "num_latents")
 _NON_NEGATIVE_INTS = ("sft_limit", "rl_limit", "valid_limit", "eval_limit", "rl_micro_batch",
@@ -345,6 +353,15 @@ def validate_config(cfg: Config, explicit: Iterable[str] = ()) -> None:
     for name in _POSITIVE_FLOATS:
         if not math.isfinite(values[name]) or values[name] <= 0:
             fail(name, "expected a finite number > 0")
+    data = values["data"]
+    if data not in ("movielens-100k", "synthetic") and not data.startswith("csv:"):
+        fail("data", "expected movielens-100k, synthetic or csv:DIR (a folder in the "
+             "BIGRec/D3/LatentR3 CSV layout)")
+    if data.startswith("csv:") and not Path(data[len("csv:"):]).expanduser().is_dir():
+        fail("data", f"{data[len('csv:'):] or '(empty)'} is not a directory; give the "
+             "folder holding {train,valid,test}/NAME.csv and info/NAME.txt")
+    if not math.isfinite(values["length_penalty"]):
+        fail("length_penalty", "expected a finite exponent (1.0 BIGRec, 0.0 D3)")
     if not math.isfinite(values["sigma"]) or values["sigma"] < 0:
         fail("sigma", "expected a finite noise scale >= 0 (the release uses 1.5)")
     if not math.isfinite(values["sft_weight_decay"]) or values["sft_weight_decay"] < 0:
@@ -381,6 +398,12 @@ def validate_config(cfg: Config, explicit: Iterable[str] = ()) -> None:
     if values["rl_trainable"] == "all" and values["base_quant"] != "none":
         fail("rl_trainable", "--rl-trainable all trains the LLM, which --base-quant "
              f"{values['base_quant']} freezes in 8/4 bits; drop one of them")
+    try:
+        from fastlatent.baseline_cache import resolve_models
+
+        resolve_models(values["baselines"])
+    except UserError as err:
+        raise ConfigError(str(err)) from None
     if values["advantage"] == "group" and values["num_samples"] < 2:
         fail("num_samples", "the group advantage needs K >= 2 rows per prompt (its std is "
              "over the K rows); use --num-samples 8 or --advantage batch")

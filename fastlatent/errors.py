@@ -29,3 +29,8 @@ class RunFolderError(UserError, RuntimeError):
 
 class ModelLoadError(UserError, ValueError):
     """A --model that cannot be loaded (missing file, unknown id offline, bad format)."""
+
+
+class EvaluationError(UserError, RuntimeError):
+    """A model that cannot be evaluated (non-finite weights) or an evaluation that ranked
+    nothing for a row; names the stage, the row and the likely cause."""

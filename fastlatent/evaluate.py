@@ -22,8 +22,10 @@ from fastlatent.data.trie import TitleTrie
 from fastlatent.engine.decoder import Decoder
 from fastlatent.engine.generic import beam_search_for
 from fastlatent.engine.steps import target_logprobs
+from fastlatent.errors import EvaluationError
 from fastlatent.metrics import normalize_title, rank_of_first_hit, summarize
 from fastlatent.model.reasoner import LatentReasoner
+from fastlatent.optim import nonfinite_tensors
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -97,6 +99,12 @@ def evaluate(reasoner: LatentReasoner, examples: Sequence[Example], builder: Pro
     the original order and every process computes the same metrics."""
     if not examples:
         raise ValueError("evaluation needs at least one example")
+    bad = nonfinite_tensors(reasoner.named_parameters())
+    if bad:
+        raise EvaluationError(
+            f"{desc}: the model holds non-finite weights ({len(bad)} tensor(s), e.g. "
+            f"{bad[0]}); it cannot rank titles. Evaluate an earlier checkpoint, or train "
+            "again with a lower learning rate")
     was_training = reasoner.training
     reasoner.eval()
     search = beam_search_for(reasoner)
@@ -117,6 +125,14 @@ def evaluate(reasoner: LatentReasoner, examples: Sequence[Example], builder: Pro
                                 f"during {desc} (an evaluation restarts on --resume)")
     bar.close()
     reasoner.train(was_training)
+    empty = [i for i, row in enumerate(predictions) if not row["predictions"]]
+    if empty:
+        first = predictions[empty[0]]
+        raise EvaluationError(
+            f"{desc}: {len(empty)} of {len(predictions)} rows got no title at all (first: row "
+            f"{empty[0] + 1}, user {first['user']!r}); the beam scores were not finite "
+            f"(--length-penalty {cfg.length_penalty!r}, or the model's outputs) or no "
+            f"catalogue title fits in --max-new-tokens {cfg.max_new_tokens}")
     ranks = [row["rank"] for row in predictions]
     flags = None if popular is None else [item_key(ex) in popular for ex in examples]
     return EvalResult(summarize(ranks, flags, seed=seed), predictions)

@@ -4,7 +4,7 @@ the release trains through the HF Trainer), warm-up that fits the run, the clipp
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +90,31 @@ class NonFiniteGuard:
                 f"had a non-finite value ({shown}); each was skipped. Likely cause: "
                 f"{self.cause}. Nothing was saved from these steps; the "
                 "checkpoints before them are kept in the output folder's checkpoints/")
+
+
+    def check_result(self, step: int, named: Iterable[tuple[str, torch.Tensor]], *,
+                     final: bool) -> None:
+        """Before the stage saves what it trained as a result: its weights must be finite
+        and, at the stage's end (``final``), its last step must have been applied — a
+        stage that ends inside a stretch of skipped steps stopped by running out of
+        steps, not by recovering."""
+        if final and self.in_a_row:
+            raise TrainingStopped(
+                f"{self.stage.upper()} step {step}: the stage ended on {self.in_a_row} "
+                "skipped step(s) whose loss, reward or gradient was not finite, so its "
+                f"result is not saved. Likely cause: {self.cause}")
+        bad = nonfinite_tensors(named)
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise TrainingStopped(
+                f"{self.stage.upper()} step {step}: {len(bad)} trained weight tensor(s) hold "
+                f"non-finite values ({shown}), so the result is not saved. Likely cause: "
+                f"{self.cause}")
+
+
+def nonfinite_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """The names of the tensors that hold a NaN or an infinity."""
+    return [name for name, t in named if not bool(torch.isfinite(t.detach()).all())]
 
 
 def all_finite(*values: float | torch.Tensor) -> bool:

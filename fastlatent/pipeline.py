@@ -93,11 +93,73 @@ def build_reasoner(cfg: Config, dataset: Dataset, device: torch.device) -> Laten
     return reasoner
 
 
-def with_baseline_relation(metrics: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
-    """Add ``hr@10_vs_popular``: where the stage's HR@10 interval lies against the
-    popularity baseline's ("above", "overlaps", "below")."""
+def with_baseline_relation(metrics: dict[str, Any], baseline: dict[str, Any],
+                           name: str = BASELINE) -> dict[str, Any]:
+    """Add ``hr@10_vs_<name>``: where the stage's HR@10 interval lies against the
+    baseline's ("above", "overlaps", "below"); ``name`` defaults to the popularity
+    baseline."""
     relation = interval_relation(metrics["hr@10_ci"], baseline["hr@10_ci"])
-    return {**metrics, f"hr@10_vs_{BASELINE}": relation}
+    return {**metrics, f"hr@10_vs_{name}": relation}
+
+
+def with_baseline_relations(metrics: dict[str, Any], baselines: dict[str, dict[str, Any]]
+                            ) -> dict[str, Any]:
+    """:func:`with_baseline_relation` against each of ``baselines`` (name -> metrics)."""
+    for name, baseline in baselines.items():
+        metrics = with_baseline_relation(metrics, baseline, name)
+    return metrics
+
+
+def traditional_baselines(cfg: Config, dataset: Dataset, splits: Splits, out: Path,
+                          notes: list[str]) -> dict[str, dict[str, Any]]:
+    """``--baselines``: RecBole's models on the rows the baselines command takes for this
+    run's data, splits, evaluation rows and seed (trained once per rows, then cached;
+    :mod:`fastlatent.baseline_cache`). Rank 0 computes, every rank gets the entries. A
+    baseline that fails is a note; the run goes on without it."""
+    from fastlatent.baseline_cache import BaselineRows, cached_baselines, resolve_models
+
+    models, note = resolve_models(cfg.eval.baselines)
+    entries: dict[str, dict[str, Any]] = {}
+    if distributed.is_main() and note:
+        tqdm.write(note)
+    if distributed.is_main() and models:
+        early_stopping = choose_splits(dataset, _with_all_valid_rows(cfg)).valid
+        rows = BaselineRows(data=cfg.data.data, train_split=cfg.data.train_split,
+                            eval_split=cfg.data.eval_split, eval_limit=cfg.data.eval_limit,
+                            seed=cfg.run.seed, epochs=cfg.eval.baseline_epochs,
+                            train=splits.train, valid=early_stopping,
+                            evaluation=splits.eval)
+        outcome = cached_baselines(rows, models, out / "baselines.log", announce=tqdm.write)
+        if outcome.error:
+            message = f"baselines {', '.join(models)} not reported: {outcome.error}"
+            tqdm.write(f"note: {message}")
+            notes.append(message)
+        else:
+            entries = outcome.entries
+            where = "from the cache" if outcome.cached else f"in {outcome.seconds:.0f} s"
+            tqdm.write(f"baselines: {', '.join(models)} on the same {len(splits.eval)} rows "
+                       f"({where}): " + ", ".join(
+                           f"{name} HR@10 {m['hr@10']:.4f}" for name, m in entries.items()))
+    return distributed.broadcast(entries)
+
+
+def _numbers(entry: dict[str, Any]) -> dict[str, Any]:
+    """The numeric fields of a metrics entry (numbers and intervals), for log.jsonl."""
+    def numeric(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    return {k: v for k, v in entry.items()
+            if numeric(v) or (isinstance(v, list) and v and all(map(numeric, v)))}
+
+
+def _with_all_valid_rows(cfg: Config) -> Config:
+    """``cfg`` with ``--valid-limit 0``: the baselines command early-stops on every
+    held-out row (the training and evaluation rows do not depend on the limit)."""
+    import copy
+
+    whole = copy.deepcopy(cfg)
+    whole.data.valid_limit = 0
+    return whole
 
 
 @dataclass
@@ -188,9 +250,12 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
     log.write("data", "splits", train=len(splits.train), valid=len(splits.valid),
               eval=len(splits.eval), catalogue=len(dataset.catalogue), titles=len(trie))
     baseline = popularity_baseline(splits.train, splits.eval, popular=popular, seed=seed)
-    metrics: dict[str, dict[str, Any]] = {BASELINE: baseline.metrics, **progress.metrics}
+    traditional = traditional_baselines(cfg, dataset, splits, out, notes)
+    baselines = {BASELINE: baseline.metrics, **traditional}
+    metrics: dict[str, dict[str, Any]] = {**baselines, **progress.metrics}
     predictions = saved_predictions(out, progress.metrics)
-    log.write(BASELINE, "eval", **baseline.metrics)
+    for name, entry in baselines.items():
+        log.write(name, "eval", **_numbers(entry))
     train_kwargs = dict(grad_clip=cfg.train.grad_clip, output_dir=out, log=log, seed=seed,
                         save_every=cfg.train.save_every,
                         max_nonfinite_steps=cfg.train.max_nonfinite_steps)
@@ -201,7 +266,7 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
             return
         result = evaluate(reasoner, splits.eval, builder, trie, cfg.eval, popular=popular,
                           seed=seed, desc=f"eval after {name}")
-        stage_metrics = with_baseline_relation(result.metrics, baseline.metrics)
+        stage_metrics = with_baseline_relations(result.metrics, baselines)
         try:
             nll = target_nll(reasoner, splits.eval, builder, cfg.eval.eval_batch_size)
         except UnsupportedModelError:

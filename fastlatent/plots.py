@@ -27,7 +27,10 @@ def read_records(out: Path) -> list[dict[str, Any]]:
         return []
     kept: dict[tuple, dict[str, Any]] = {}
     for line in path.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line a kill cut short
+            continue
         key = (record.get("stage"), record.get("event"), record.get("step"),
                record.get("epoch") if record.get("event") == "epoch" else None)
         kept.pop(key, None)

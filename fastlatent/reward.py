@@ -17,15 +17,31 @@ from fastlatent.engine.scoring import score_targets, target_logprobs_from_logits
 from fastlatent.ops.positions import positions_from_mask
 
 
-def _check_ids(ids: torch.Tensor, mask: torch.Tensor, name: str) -> None:
+def _check_ids(ids: torch.Tensor, mask: torch.Tensor, name: str, vocab_size: int) -> None:
     if ids.dim() != 2 or mask.shape != ids.shape:
         raise ValueError(f"expected {name}_ids and {name}_mask [B, length] of one shape, got "
                          f"{tuple(ids.shape)} and {tuple(mask.shape)}")
     if ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"expected integer {name}_ids, got {ids.dtype}")
+    if mask.dtype != torch.bool and (mask.is_floating_point() or mask.is_complex()):
+        raise ValueError(f"expected a bool or integer {name}_mask of 0s and 1s, got {mask.dtype}")
+    off = (mask != 0) & (mask != 1)
+    if bool(off.any()):
+        where = off.nonzero()[0].tolist()
+        raise ValueError(f"expected {name}_mask to hold only 0 and 1, got "
+                         f"{mask[tuple(where)].item()} at [row, position] = {where}")
     if bool((mask.sum(-1) == 0).any()):
         raise ValueError(f"expected at least one real token in every {name} row "
                          f"({name}_mask has an all-zero row)")
+    real = mask.bool()
+    outside = real & (ids >= vocab_size)  # negative ids: _clear_padding names them
+    if name == "prompt":
+        outside |= real & (ids < 0)
+    if bool(outside.any()):
+        where = outside.nonzero()[0].tolist()
+        raise ValueError(f"{name}_ids hold an id outside the model's vocabulary of "
+                         f"{vocab_size}: {ids[tuple(where)].item()} at [row, position] = "
+                         f"{where}")
 
 
 def _clear_padding(target_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
@@ -74,8 +90,12 @@ def ppl_reward(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: to
     Returns rewards [B, K] float32, differentiable in ``latents`` when they require grad
     (the prompt pass runs without gradient), and optionally the log-probs.
     """
-    _check_ids(prompt_ids, prompt_mask, "prompt")
-    _check_ids(target_ids, target_mask, "target")
+    vocab_size = model.get_input_embeddings().weight.shape[0]
+    head = model.get_output_embeddings()
+    if head is not None:
+        vocab_size = min(vocab_size, head.weight.shape[0])
+    _check_ids(prompt_ids, prompt_mask, "prompt", vocab_size)
+    _check_ids(target_ids, target_mask, "target", vocab_size)
     if target_ids.shape[0] != prompt_ids.shape[0]:
         raise ValueError(f"expected {prompt_ids.shape[0]} target rows, got {target_ids.shape[0]}")
     if not _is_right_padded(target_mask):

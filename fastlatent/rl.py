@@ -183,6 +183,8 @@ def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLC
         raise ValueError(f"expected --num-samples >= 1, got {cfg.num_samples}")
     groups = rl_param_groups(reasoner, cfg)
     params = [p for group in groups for p in group["params"]]
+    names = {id(p): name for name, p in reasoner.named_parameters()}
+    trained = [(names.get(id(p), f"parameter {i}"), p) for i, p in enumerate(params)]
     optimizer = torch.optim.AdamW(groups, lr=cfg.rl_lr, weight_decay=0.0)
     whole_model = cfg.rl_trainable == "all"
     steps_per_epoch = math.ceil(len(prompts) / cfg.rl_batch_size)
@@ -215,45 +217,50 @@ def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLC
     x = state.extra
     bar = tqdm(total=total_steps, initial=state.step, desc="RL", unit="step",
                dynamic_ncols=True, disable=not distributed.is_main())
-    while state.epoch < cfg.rl_epochs and state.step < total_steps:
-        epoch = state.epoch
-        batches = list(shuffled_batches(prompts, cfg.rl_batch_size, seed + 1000 + epoch))
-        for batch in batches[state.batch:]:
-            if state.step >= total_steps:
-                break
-            started = time.perf_counter()
-            out = accumulate_rl_gradients(reasoner, batch, cfg, train_step, generator, params)
-            finite = all_finite(out.loss, out.rewards, out.advantages)
-            grad_norm, lr, applied = clipped_update(optimizer, scheduler, params, grad_clip,
-                                                    finite=finite)
-            seconds = time.perf_counter() - started
-            state.step, state.batch = state.step + 1, state.batch + 1
-            reward0 = float(out.rewards[:, 0].mean())
-            x["first"] = reward0 if state.step == 1 else x["first"]
-            x["last"] = reward0
-            bar.update(1)
-            bar.set_postfix(loss=f"{out.loss:.4f}", reward=f"{reward0:.3f}")
-            noisy = out.advantages[:, 1:]
-            log.write("rl", "step", step=state.step, epoch=epoch, loss=out.loss,
-                      reward_r0=reward0, reward_all=float(out.rewards.mean()),
-                      reward_std_within=float(out.rewards.std(dim=1).mean())
-                      if cfg.num_samples > 1 else 0.0,
-                      mean_noisy_advantage=float(noisy.mean()) if noisy.numel() else 0.0,
-                      grad_norm=grad_norm, lr=lr, prompts=len(batch), skipped=not applied,
-                      seconds=round(seconds, 4),
-                      # groups whose K rewards are all equal: zero advantage, no signal
-                      equal_reward_groups=float((out.rewards == out.rewards[:, :1])
-                                                .all(dim=1).float().mean()))
-            guard.update(applied, state.step, {"loss": out.loss, "reward_r0": reward0,
-                                               "grad_norm": grad_norm})
-            if state.batch == len(batches):
-                state.epoch, state.batch = epoch + 1, 0
-            stage_or_epoch_over = state.batch == 0 or state.step >= total_steps
-            if stage_or_epoch_over and distributed.is_main():
-                reasoner.save(checkpoint)
-            checkpoint_after_step(output_dir, state, reasoner, optimizer, scheduler,
-                                  save_every=save_every, log=log, generator=generator,
-                                  final=stage_or_epoch_over, whole_model=whole_model)
-    bar.close()
+    try:
+        while state.epoch < cfg.rl_epochs and state.step < total_steps:
+            epoch = state.epoch
+            batches = list(shuffled_batches(prompts, cfg.rl_batch_size, seed + 1000 + epoch))
+            for batch in batches[state.batch:]:
+                if state.step >= total_steps:
+                    break
+                started = time.perf_counter()
+                out = accumulate_rl_gradients(reasoner, batch, cfg, train_step, generator, params)
+                finite = all_finite(out.loss, out.rewards, out.advantages)
+                grad_norm, lr, applied = clipped_update(optimizer, scheduler, params, grad_clip,
+                                                        finite=finite)
+                seconds = time.perf_counter() - started
+                state.step, state.batch = state.step + 1, state.batch + 1
+                reward0 = float(out.rewards[:, 0].mean())
+                x["first"] = reward0 if state.step == 1 else x["first"]
+                x["last"] = reward0
+                bar.update(1)
+                bar.set_postfix(loss=f"{out.loss:.4f}", reward=f"{reward0:.3f}")
+                noisy = out.advantages[:, 1:]
+                log.write("rl", "step", step=state.step, epoch=epoch, loss=out.loss,
+                          reward_r0=reward0, reward_all=float(out.rewards.mean()),
+                          reward_std_within=float(out.rewards.std(dim=1).mean())
+                          if cfg.num_samples > 1 else 0.0,
+                          mean_noisy_advantage=float(noisy.mean()) if noisy.numel() else 0.0,
+                          grad_norm=grad_norm, lr=lr, prompts=len(batch), skipped=not applied,
+                          seconds=round(seconds, 4),
+                          # groups whose K rewards are all equal: zero advantage, no signal
+                          equal_reward_groups=float((out.rewards == out.rewards[:, :1])
+                                                    .all(dim=1).float().mean()))
+                guard.update(applied, state.step, {"loss": out.loss, "reward_r0": reward0,
+                                                   "grad_norm": grad_norm})
+                if state.batch == len(batches):
+                    state.epoch, state.batch = epoch + 1, 0
+                stage_or_epoch_over = state.batch == 0 or state.step >= total_steps
+                if stage_or_epoch_over:
+                    guard.check_result(state.step, trained, final=state.step >= total_steps
+                                       or state.epoch >= cfg.rl_epochs)
+                if stage_or_epoch_over and distributed.is_main():
+                    reasoner.save(checkpoint)
+                checkpoint_after_step(output_dir, state, reasoner, optimizer, scheduler,
+                                      save_every=save_every, log=log, generator=generator,
+                                      final=stage_or_epoch_over, whole_model=whole_model)
+    finally:  # the bar ends before any error is printed
+        bar.close()
     return RLResult(state.step, x["first"], x["last"], checkpoint, warmup,
                     [note] if note else [])

@@ -157,6 +157,8 @@ def run_sft(reasoner: LatentReasoner, train: Sequence[EncodedExample],
             if state.batch < steps_per_epoch:
                 save()
         bar.close()
+        guard.check_result(state.step, reasoner.named_parameters(),
+                           final=epoch + 1 >= cfg.sft_epochs)
         valid_loss = validation_loss(reasoner, valid, cfg.sft_micro_batch)
         if not math.isfinite(valid_loss):
             raise TrainingStopped(

@@ -36,7 +36,7 @@ from fastlatent.errors import UserError
 from fastlatent.metrics import BASELINE
 from fastlatent.model.reasoner import read_checkpoint_config
 from fastlatent.rundir import RunFolder, read_manifest
-from fastlatent.runlog import StepLog, write_json_atomic, write_text_atomic
+from fastlatent.runlog import StepLog, logged_steps, write_json_atomic, write_text_atomic
 
 METRIC_KEYS = ("hr@5", "hr@10", "ndcg@5", "ndcg@10")
 CONFIG_FILE = "config.yaml"
@@ -155,23 +155,39 @@ def package_versions() -> dict[str, str | None]:
 
 def format_table(metrics: dict[str, dict[str, Any]]) -> str:
     """A fixed-width table: one row per stage, HR/NDCG with 95% bootstrap intervals, the
-    popularity baseline's row last, and whether each stage's HR@10 interval lies above,
-    overlaps or lies below the baseline's."""
-    head = f"{'stage':<8}" + "".join(f"{k:>24}" for k in METRIC_KEYS) + "  HR@10 vs popular"
-    lines = [head, "-" * len(head)]
-    order = [name for name in metrics if name != BASELINE] + [
-        name for name in metrics if name == BASELINE]
+    baselines' rows last (traditional models, then popularity), and whether each stage's
+    HR@10 interval lies above, overlaps or lies below each baseline's."""
+    from fastlatent.baselines import MODELS
+
+    traditional = [name for name in metrics if name in MODELS]
+    baselines = traditional + [name for name in metrics if name == BASELINE]
+    stages = [name for name in metrics if name not in baselines]
+    against = [name for name in (BASELINE, *(traditional if stages else ())) if name in metrics]
+    head = f"{'stage':<8}" + "".join(f"{k:>24}" for k in METRIC_KEYS) + "".join(
+        f"  HR@10 vs {name:<9}" for name in against)
+    lines = [head.rstrip(), "-" * len(head.rstrip())]
+    order = stages + baselines
     for stage in order:
         m = metrics[stage]
         cells = []
         for k in METRIC_KEYS:
             lo, hi = m.get(f"{k}_ci", (float("nan"), float("nan")))
             cells.append(f"{m[k]:.4f} [{lo:.3f},{hi:.3f}]".rjust(24))
-        relation = m.get(f"hr@10_vs_{BASELINE}", "(baseline)" if stage == BASELINE else "")
-        lines.append(f"{stage:<8}" + "".join(cells) + f"  {relation}")
+        relations = []
+        for name in against:
+            relation = m.get(f"hr@10_vs_{name}", "")
+            if stage == name:
+                relation = "(baseline)"
+            elif stage in traditional and name != BASELINE:
+                relation = ""  # one traditional model against another: not a question asked
+            relations.append(f"  {relation:<18}")
+        lines.append((f"{stage:<8}" + "".join(cells) + "".join(relations)).rstrip())
     n = next(iter(metrics.values())).get("n") if metrics else None
-    lines.append(f"(95% bootstrap intervals; {n} evaluation rows; popular = the 10 most "
-                 "frequent training targets for every row)")
+    note = (f"(95% bootstrap intervals; {n} evaluation rows; popular = the 10 most "
+            "frequent training targets for every row")
+    if traditional:
+        note += "; " + ", ".join(traditional) + " = RecBole, trained on the run's training rows"
+    lines.append(note + ")")
     return "\n".join(lines)
 
 
@@ -309,7 +325,8 @@ def run_in_folder(cfg: Config, folder: RunFolder, device: torch.device,
     tracker = (tracking.open_tracker(tracking.resolve(run.report_to), out, folder.run_id,
                                      cfg.to_dict()) if main_rank else None)
     log = StepLog(out / "log.jsonl" if main_rank else os.devnull, run_id=folder.run_id,
-                  tracker=tracker)
+                  tracker=tracker,
+                  replay_until=logged_steps(out / "log.jsonl") if run.resume else None)
     notes: list[str] = []
     try:
         metrics = run_pipeline(cfg, out, device, log, notes, resume=run.resume)

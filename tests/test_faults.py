@@ -123,9 +123,10 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_it_is_used(tiny_reason
     loaded = ckpt.newest_loadable(tmp_path, warnings.append)
     assert loaded.path == first and loaded.state.step == 1
     assert len(warnings) == 1 and str(trainer) in warnings[0]
-    # Same size, garbage inside: still named.
+    # Same size, garbage inside: still named (by its checksum).
     (first / ckpt.TRAINER_FILE).write_bytes(b"\0" * (first / ckpt.TRAINER_FILE).stat().st_size)
-    with pytest.raises(CheckpointError, match=f"{first / ckpt.TRAINER_FILE}: cannot be read"):
+    with pytest.raises(CheckpointError, match=f"{first / ckpt.TRAINER_FILE}: its content "
+                                              "changed"):
         ckpt.load_training_state(first)
 
 
@@ -298,3 +299,121 @@ def test_signal_handling_is_a_no_op_off_the_main_thread():
     thread.start()
     thread.join()
     assert errors == []
+
+
+# ---- a run that ends badly says so (non-finite results, corrupted checkpoints) ------------
+def test_a_checkpoint_changed_without_changing_size_is_named(tiny_reasoner, tmp_path):
+    first = save_rl_state(tiny_reasoner, tmp_path, 1)
+    second = save_rl_state(tiny_reasoner, tmp_path, 2)
+    manifest = json.loads((second / ckpt.COMPLETE_FILE).read_text())
+    assert all(len(entry["sha256"]) == 64 for entry in manifest["files"].values())
+    ratt = second / "latent_ratt.safetensors"
+    data = bytearray(ratt.read_bytes())
+    data[-200:-136] = b"\xff" * 64  # 64 bytes of weights, same size
+    ratt.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{ratt}: its content changed"):
+        ckpt.load_training_state(second)
+    warnings = []
+    assert ckpt.newest_loadable(tmp_path, warnings.append).path == first
+    assert len(warnings) == 1 and str(ratt) in warnings[0]
+
+
+def test_a_checkpoint_written_before_checksums_still_loads(tiny_reasoner, tmp_path):
+    path = save_rl_state(tiny_reasoner, tmp_path, 1)
+    manifest = json.loads((path / ckpt.COMPLETE_FILE).read_text())
+    manifest["files"] = {rel: entry["bytes"] for rel, entry in manifest["files"].items()}
+    (path / ckpt.COMPLETE_FILE).write_text(json.dumps(manifest))
+    assert ckpt.load_training_state(path).state.step == 1
+
+
+def test_an_rl_stage_ending_on_skipped_steps_fails_and_saves_nothing(saved_run, tmp_path,
+                                                                      capsys):
+    out = tmp_path / "rl"
+    assert main(["--preset", "smoke", "--stage", "rl", "--checkpoint", str(saved_run / "sft"),
+                 "--rl-lr", "1e30", "--rl-max-steps", "3", "--output-dir", str(out)]) == 1
+    line = one_error_line(capsys)
+    assert "RL step 3:" in line and "not saved" in line and "--rl-lr 1e+30" in line
+    assert not (out / "rl").exists() and not (out / "metrics.json").exists()
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "failed" and "RL step 3" in manifest["segments"][-1]["message"]
+
+
+def test_non_finite_weights_at_the_end_of_a_stage_are_not_saved(tiny_reasoner, encoded,
+                                                                tmp_path, monkeypatch):
+    import fastlatent.optim as optim
+
+    real = optim.clipped_update
+
+    def poisoning_update(optimizer, scheduler, params, max_norm, *, finite=True):
+        result = real(optimizer, scheduler, params, max_norm, finite=finite)
+        with torch.no_grad():
+            params[0].view(-1)[0] = float("inf")  # an applied step that broke a weight
+        return result
+
+    monkeypatch.setattr("fastlatent.rl.clipped_update", poisoning_update)
+    cfg = RLConfig(rl_batch_size=4, rl_max_steps=1, rl_warmup_steps=1, num_samples=2)
+    with pytest.raises(TrainingStopped, match=r"RL step 1: 1 trained weight tensor\(s\) hold "
+                                              r"non-finite values \(ratt\.q_proj\.weight\)"):
+        run_rl(tiny_reasoner, encoded, cfg, grad_clip=1.0, output_dir=tmp_path,
+               log=StepLog(tmp_path / "log.jsonl"), seed=0)
+    assert not (tmp_path / "rl").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_model_with_non_finite_weights_is_refused_by_evaluation(saved_run, tmp_path,
+                                                                  capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(saved_run / "sft", model)
+    weights = load_file(model / "latent_ratt.safetensors")
+    name = sorted(weights)[0]
+    weights[name].view(-1)[:16] = float("nan")
+    save_file(weights, model / "latent_ratt.safetensors")
+    assert main(["--preset", "smoke", "--stage", "eval", "--checkpoint", str(model),
+                 "--output-dir", str(tmp_path / "eval")]) == 1
+    assert "non-finite weights" in one_error_line(capsys)
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+
+
+def test_a_row_with_no_title_fails_the_evaluation(tiny_reasoner, synthetic_dataset,
+                                                  monkeypatch):
+    import fastlatent.evaluate as evaluate
+    from fastlatent.config import EvalConfig
+    from fastlatent.errors import EvaluationError
+
+    builder = PromptBuilder(tiny_reasoner.tokenizer, domain=synthetic_dataset.domain)
+    trie = evaluate.build_title_trie(builder, synthetic_dataset.catalogue)
+    real = evaluate.rank_titles
+
+    def one_empty(*args, **kwargs):
+        ranked = real(*args, **kwargs)
+        return [([], [])] + ranked[1:]
+
+    monkeypatch.setattr(evaluate, "rank_titles", one_empty)
+    rows = synthetic_dataset.split("test")[:3]
+    with pytest.raises(EvaluationError, match=r"eval: 1 of 3 rows got no title at all "
+                                              r"\(first: row 1"):
+        evaluate.evaluate(tiny_reasoner, rows, builder, trie,
+                          EvalConfig(num_beams=2, max_new_tokens=24, eval_batch_size=3))
+
+
+def test_a_non_finite_length_penalty_is_refused_before_loading(tmp_path, capsys):
+    assert main(["--preset", "smoke", "--length-penalty", "nan",
+                 "--output-dir", str(tmp_path / "run")]) == 2
+    assert "--length-penalty nan: expected a finite exponent" in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("foobar", "--data 'foobar': expected movielens-100k, synthetic or csv:DIR"),
+    ("csv:NOWHERE", "NOWHERE is not a directory"),
+])
+def test_a_data_spec_that_cannot_load_is_refused_before_the_folder_exists(tmp_path, capsys,
+                                                                          spec, message):
+    spec = spec.replace("NOWHERE", str(tmp_path / "nowhere"))
+    message = message.replace("NOWHERE", str(tmp_path / "nowhere"))
+    assert main(["--preset", "smoke", "--data", spec, "--output-dir", str(tmp_path / "run")]) == 2
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()

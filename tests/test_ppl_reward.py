@@ -105,6 +105,27 @@ def test_bad_inputs_are_clear_errors(llm):
         fastlatent.ppl_reward(llm, pid, pmask * 0, latents, tid, tmask)
     with pytest.raises(ValueError, match="target rows"):
         fastlatent.ppl_reward(llm, pid, pmask, latents, tid[:2], tmask[:2])
+    vocab = llm.get_input_embeddings().weight.shape[0]
+    for name, ids, mask in (("prompt", pid, pmask), ("target", tid, tmask)):
+        bad = ids.clone()
+        row, col = mask.nonzero()[1].tolist()  # a real position
+        bad[row, col] = vocab
+        args = (bad, pmask, latents, tid, tmask) if name == "prompt" else \
+            (pid, pmask, latents, bad, tmask)
+        with pytest.raises(ValueError, match=rf"{name}_ids hold an id outside the model's "
+                                             rf"vocabulary of {vocab}: {vocab} at \[row, "
+                                             rf"position\] = \[{row}, {col}\]"):
+            fastlatent.ppl_reward(llm, *args)
+    twos = tmask.clone()
+    twos[0, 0] = 2
+    with pytest.raises(ValueError, match=r"target_mask to hold only 0 and 1, got 2 at "
+                                         r"\[row, position\] = \[0, 0\]"):
+        fastlatent.ppl_reward(llm, pid, pmask, latents, tid, twos)
+    with pytest.raises(ValueError, match="bool or integer prompt_mask"):
+        fastlatent.ppl_reward(llm, pid, pmask.float(), latents, tid, tmask)
+    bool_masks = fastlatent.ppl_reward(llm, pid, pmask.bool(), latents, tid, tmask.bool())
+    torch.testing.assert_close(bool_masks, fastlatent.ppl_reward(llm, pid, pmask, latents,
+                                                                 tid, tmask))
 
 
 def test_other_families_go_through_their_own_forward(capsys):

@@ -139,4 +139,4 @@ def test_a_second_run_into_a_used_folder_is_refused(tmp_path):
         holder.wait()
     # Its process gone, the stale lock is taken over; --overwrite starts afresh.
     assert train(out, "--overwrite", "--stage", "sft", "--sft-epochs", "1").returncode == 0
-    assert set(json.loads((out / "metrics.json").read_text())) == {"sft", "popular"}
+    assert set(json.loads((out / "metrics.json").read_text())) == {"sft", "popular", "sasrec"}

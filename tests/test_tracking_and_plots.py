@@ -75,6 +75,34 @@ def test_a_resumed_run_plots_each_step_once(tmp_path):
                                                                      [3.0, 2.4, 2.1])
 
 
+def test_a_resumed_runs_redone_steps_are_marked_replayed(tmp_path):
+    from fastlatent.runlog import logged_steps
+
+    path = tmp_path / "log.jsonl"
+    first = StepLog(path)
+    for step in (1, 2, 3):
+        first.write("sft", "step", step=step, loss=1.0)
+    first.write("rl", "step", step=1, loss=1.0)
+    first.write("sft", "epoch", epoch=0, valid_loss=1.0)
+    first.close()
+    with path.open("a") as f:
+        f.write('{"stage": "rl", "event": "st')  # a line a kill cut short
+    assert logged_steps(path) == {"sft": 3, "rl": 1}
+    assert logged_steps(tmp_path / "none.jsonl") == {}
+    resumed = StepLog(path, replay_until=logged_steps(path))
+    for stage, step in (("sft", 2), ("sft", 3), ("sft", 4), ("rl", 1), ("rl", 2)):
+        resumed.write(stage, "step", step=step, loss=0.5)
+    resumed.write("sft", "epoch", epoch=0, valid_loss=0.5)
+    resumed.close()
+    lines = path.read_text().splitlines()
+    assert lines[5] == '{"stage": "rl", "event": "st'  # left as it was, on its own line
+    later = [json.loads(line) for line in lines[6:]]
+    assert [r.get("replayed", False) for r in later] == [True, True, False, True, False,
+                                                         False]
+    assert series(read_records(tmp_path), "sft", "step", "loss") == ([1, 2, 3, 4],
+                                                                     [1.0, 0.5, 0.5, 0.5])
+
+
 def test_no_matplotlib_is_a_note_not_a_failure(tmp_path, monkeypatch, capsys):
     import sys
 

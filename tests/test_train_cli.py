@@ -43,11 +43,13 @@ def test_smoke_end_to_end_then_eval_from_checkpoint(tmp_path):
     out = tmp_path / "run"
     assert main(["--preset", "smoke", "--output-dir", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"sft", "rl", "popular"}
+    assert set(metrics) == {"sft", "rl", "popular", "sasrec"}  # [dev] has RecBole
     assert METRICS <= set(metrics["popular"]) and metrics["popular"]["n"] == 12
+    assert METRICS <= set(metrics["sasrec"]) and metrics["sasrec"]["n"] == 12
     for name in ("sft", "rl"):
         stage = metrics[name]
         assert stage["hr@10_vs_popular"] in ("above", "overlaps", "below")
+        assert stage["hr@10_vs_sasrec"] in ("above", "overlaps", "below")
         assert stage["target_nll"] > 0
         assert METRICS <= set(stage)
         assert {"hr@10_popular", "hr@10_unpopular", "hr@10_ci"} <= set(stage)
@@ -70,7 +72,7 @@ def test_smoke_end_to_end_then_eval_from_checkpoint(tmp_path):
     assert main(["--preset", "smoke", "--stage", "eval", "--checkpoint", str(out / "rl"),
                  "--output-dir", str(again)]) == 0
     evaluated = json.loads((again / "metrics.json").read_text())
-    assert set(evaluated) == {"eval", "popular"}
+    assert set(evaluated) == {"eval", "popular", "sasrec"}
     assert evaluated["eval"] == metrics["rl"]  # the checkpoint reproduces the run's model
     assert evaluated["popular"] == metrics["popular"]
 
@@ -103,7 +105,7 @@ def test_smoke_on_csv_data_trained_on_valid(tmp_path):
                  "--train-split", "valid", "--eval-split", "test", "--stage", "sft",
                  "--sft-epochs", "1", "--output-dir", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"sft", "popular"} and metrics["sft"]["n"] == 12
+    assert set(metrics) == {"sft", "popular", "sasrec"} and metrics["sft"]["n"] == 12
     splits = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()
               if json.loads(line)["event"] == "splits"][0]
     assert splits["train"] + splits["valid"] == 24 and splits["valid"] >= 1
