@@ -261,7 +261,7 @@ def variant_command(v: Variant, args: argparse.Namespace, out: Path) -> list[str
                 "--seed", str(args.seed), "--eval-limit", str(eval_limit(args)),
                 *BASELINE_BUDGETS[args.budget]]
     # --baselines none: the traditional models are the harness's own `baselines` variant
-    cmd = [sys.executable, "-m", "fastlatent.train", *BUDGETS[args.budget],
+    cmd = [sys.executable, "-m", "fastlatent.train", *budget_flags(args.budget, v.flags),
            "--data", args.data, "--train-split", args.train_split,
            "--eval-split", args.eval_split, "--seed", str(args.seed),
            "--output-dir", str(out / v.name), "--baselines", "none", *v.flags]
@@ -272,6 +272,21 @@ def variant_command(v: Variant, args: argparse.Namespace, out: Path) -> list[str
     if (out / v.name / "run.json").is_file():  # an interrupted variant continues
         cmd.append("--resume")
     return cmd + list(args.extra)
+
+
+def budget_flags(budget: str, variant_flags: list[str]) -> list[str]:
+    """The budget's flags that act on a variant: fastlatent.train refuses a flag with no
+    effect (an SFT setting for an RL or evaluation run, RL settings for an SFT run or
+    without a latent), so those are left out (every budget flag takes one value)."""
+    from fastlatent.config import unused_fields
+    from fastlatent.train import parse_args
+
+    flags = BUDGETS[budget]
+    cfg, _ = parse_args([*flags, *variant_flags])
+    names = {flags[i].lstrip("-").replace("-", "_") for i in range(0, len(flags), 2)}
+    unused = {name for name, _ in unused_fields(cfg, names)}
+    return [part for i in range(0, len(flags), 2) for part in flags[i:i + 2]
+            if flags[i].lstrip("-").replace("-", "_") not in unused]
 
 
 def is_done(v: Variant, out: Path) -> bool:

@@ -152,6 +152,9 @@ class RunConfig:
                          "(default runs/<preset>-<timestamp>)")
     checkpoint: str = _f("", "start from this saved LatentReasoner (e.g. OUTPUT_DIR/sft) "
                          "instead of --model; needed for --stage rl/eval on their own")
+    allow_untrained: bool = _f(False, "let --stage rl start from a model that was not "
+                               "fine-tuned (no --checkpoint): RL then trains LatentRATT over "
+                               "an LLM that never saw the task")
     seed: int = _f(42, "seed for sampling, noise and initialisation")
     resume: bool = _f(False, "continue the run in --output-dir from its newest complete "
                       "checkpoint (same configuration; any stage)")
@@ -260,6 +263,36 @@ def _coerce(name: str, value: Any, field_: dataclasses.Field, where: str) -> Any
     return value
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON objects whose keys are unique (json keeps the last of a repeated key)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"{key} is given twice in one object; keep one")
+        out[key] = value
+    return out
+
+
+def _unique_key_loader():
+    """A YAML safe loader refusing a key repeated in one mapping (PyYAML keeps the last)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(key_node, deep=True) for key_node, _ in node.value]
+            repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
+            if repeated:
+                raise _DuplicateKey(f"{repeated[0]} is given twice in one mapping (line "
+                                    f"{node.start_mark.line + 1}); keep one")
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_config_file(path: str) -> dict[str, Any]:
     """The settings in a YAML/JSON config file: ``{flag_name: value}``. Keys are the flag
     names with underscores (``sft_lr``) or dashes (``sft-lr``), at the top level or under
@@ -276,7 +309,10 @@ def load_config_file(path: str) -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"--config {path}: cannot be read ({err.strerror or err})") from None
     try:
-        raw = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+        raw = (json.loads(text, object_pairs_hook=_unique_pairs) if file.suffix == ".json"
+               else yaml.load(text, Loader=_unique_key_loader()))  # noqa: S506 (safe loader)
+    except _DuplicateKey as err:
+        raise ConfigError(f"--config {path}: {err}") from None
     except (ValueError, yaml.YAMLError) as err:
         kind = "JSON" if file.suffix == ".json" else "YAML"
         raise ConfigError(f"--config {path}: not valid {kind} ({str(err).splitlines()[0]})"
@@ -287,15 +323,22 @@ def load_config_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: expected a mapping of settings, got "
                           f"{type(raw).__name__}")
     sections = {f.name for f in dataclasses.fields(Config)}
-    flat: dict[str, Any] = {}
+    flat: list[tuple[Any, str, Any]] = []  # (key as written, where, value)
     for key, value in raw.items():
         if key in sections and isinstance(value, dict):
-            flat.update(value)
+            flat += [(k, f"under {key}", v) for k, v in value.items()]
         else:
-            flat[key] = value
+            flat.append((key, "at the top level", value))
+    seen: dict[str, str] = {}
+    for key, where, _ in flat:
+        name = str(key).replace("-", "_")
+        if name in seen:
+            raise ConfigError(f"--config {path}: {name} is given twice ({seen[name]} and as "
+                              f"{key!r} {where}); keep one")
+        seen[name] = f"as {key!r} {where}"
     fields = _field_types()
     values: dict[str, Any] = {}
-    for key, value in flat.items():
+    for key, _, value in flat:
         name = str(key).replace("-", "_")
         if name in NOT_IN_CONFIG_FILES:
             raise ConfigError(f"--config {path}: {key} is not a run setting; give "
@@ -335,14 +378,57 @@ _POSITIVE_FLOATS = ("sft_lr", "rl_lr", "rl_llm_lr", "grad_clip", "ratt_rope_base
                     "sft_lora_alpha")
 
 
-def validate_config(cfg: Config, explicit: Iterable[str] = ()) -> None:
+_SFT_DATA = ("sft_limit", "valid_limit")
+_LATENT_SHAPE = ("num_latents", "ratt_heads", "ratt_rope_base")
+_LORA_SHAPE = ("sft_lora_alpha", "sft_lora_dropout")
+
+
+def unused_fields(cfg: Config, names: Iterable[str]) -> list[tuple[str, str]]:
+    """The fields among ``names`` that change nothing in this run, each with the reason:
+    SFT settings when no SFT runs, RL settings when no RL runs, training settings for an
+    evaluation, latent shapes without a latent, LoRA shapes without LoRA, the LLM's RL
+    learning rate when the LLM is frozen."""
+    owner = field_owner()
+    stage, latent = cfg.run.stage, cfg.model.latent
+    sft = stage in ("sft", "all")
+    rl = stage in ("rl", "all") and latent != "none"
+    no_rl = (f"--stage {stage} runs no RL" if stage not in ("rl", "all") else
+             "--latent none has no latent for RL to train")
+    out = []
+    for name in sorted(names):
+        section = owner.get(name)
+        if (section == "sft" or name in _SFT_DATA) and not sft:
+            out.append((name, f"--stage {stage} runs no SFT"))
+        elif (section == "rl" or name == "rl_limit") and not rl:
+            out.append((name, no_rl))
+        elif section == "train" and not (sft or rl):
+            out.append((name, f"--stage {stage} trains nothing"))
+        elif name in _LATENT_SHAPE and latent == "none":
+            out.append((name, "--latent none has no latent token"))
+        elif name in _LATENT_SHAPE[1:] and latent == "last-hidden":
+            out.append((name, "--latent last-hidden has no LatentRATT"))
+        elif name in _LORA_SHAPE and cfg.sft.sft_lora_r == 0:
+            out.append((name, "--sft-lora-r 0 trains no LoRA adapters"))
+        elif name == "rl_llm_lr" and cfg.rl.rl_trainable != "all":
+            out.append((name, f"--rl-trainable {cfg.rl.rl_trainable} keeps the LLM frozen"))
+    return out
+
+
+def validate_config(cfg: Config, explicit: Iterable[str] = (), *,
+                    command_line: Iterable[str] = ()) -> None:
     """Raise :class:`ConfigError` for a configuration that cannot train, before anything is
     loaded (a bad value found after an hour of SFT loses the hour). ``explicit``: the
-    fields given as flags (a flag that ``--checkpoint`` would override is refused)."""
+    fields given as flags or in the config file (a flag that ``--checkpoint`` would
+    override is refused); ``command_line``: those given as flags, each of which must
+    change something (a config file may hold settings a stage does not use, as the
+    config.yaml a run writes does)."""
     values = {f: v for section in cfg.to_dict().values() for f, v in section.items()}
 
     def fail(name: str, fix: str) -> None:
         raise ConfigError(f"--{name.replace('_', '-')} {values[name]!r}: {fix}")
+
+    for name, reason in unused_fields(cfg, command_line):
+        fail(name, f"has no effect here ({reason}); drop the flag")
 
     for name in _POSITIVE_INTS:
         if not isinstance(values[name], int) or values[name] < 1:
@@ -353,6 +439,12 @@ def validate_config(cfg: Config, explicit: Iterable[str] = ()) -> None:
     for name in _POSITIVE_FLOATS:
         if not math.isfinite(values[name]) or values[name] <= 0:
             fail(name, "expected a finite number > 0")
+    if values["stage"] == "rl" and not values["checkpoint"] and not values["allow_untrained"]:
+        fail("stage", "RL starts from a fine-tuned model: give --checkpoint OUTPUT_DIR/sft "
+             "(or run --stage all); --allow-untrained starts from the base model anyway")
+    if values["allow_untrained"] and (values["stage"] != "rl" or values["checkpoint"]):
+        fail("allow_untrained", "only --stage rl without --checkpoint starts from an "
+             "untrained model; drop the flag")
     data = values["data"]
     if data not in ("movielens-100k", "synthetic") and not data.startswith("csv:"):
         fail("data", "expected movielens-100k, synthetic or csv:DIR (a folder in the "

@@ -218,9 +218,11 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
     def resumed(stage_name: str) -> LoadedCheckpoint | None:
         return loaded if loaded is not None and loaded.state.stage == stage_name else None
 
-    if stage in ("rl", "eval") and not cfg.run.checkpoint and cfg.model.model != "tiny-random":
-        tqdm.write(f"note: --stage {stage} without --checkpoint starts from the base model "
-                   f"{cfg.model.model!r}, not from an SFT checkpoint")
+    if stage in ("rl", "eval") and not cfg.run.checkpoint:
+        note = (f"--stage {stage} without --checkpoint starts from the base model "
+                f"{cfg.model.model!r}, not from an SFT checkpoint")
+        tqdm.write(f"note: {note}")
+        notes.append(note)
     dataset = load_dataset(cfg.data.data, seed=seed)
     splits = choose_splits(dataset, cfg)
     notes.extend(report_data(dataset, splits.train, splits.eval, cfg.data, log))

@@ -60,7 +60,12 @@ def acquire_lock(out: Path) -> Path:
 
 
 def release_lock(lock: Path) -> None:
-    lock.unlink(missing_ok=True)
+    """Remove the lock; in a folder that has become unwritable it stays (a later run sees
+    its process gone and takes the folder)."""
+    try:
+        lock.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def read_manifest(out: Path) -> dict[str, Any]:

@@ -86,8 +86,40 @@ def parse_args(argv: list[str] | None) -> tuple[Config, set[str]]:
     flags = vars(build_parser().parse_args(argv))
     from_file = load_config_file(flags["config"]) if flags.get("config") else {}
     overrides = {**from_file, **flags}
-    preset = overrides.pop("preset", "") or ("paper" if torch.cuda.is_available() else "cpu")
-    return build_config(preset, overrides), set(overrides)
+    given = overrides.pop("preset", "")
+    preset = given or ("paper" if torch.cuda.is_available() else "cpu")
+    return build_config(preset, overrides), set(overrides) | ({"preset"} if given else set())
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line: the path, what the system said and its errno name."""
+    import errno as errno_names
+
+    where = err.filename or "a file of the run"
+    code = errno_names.errorcode.get(err.errno or 0, "")
+    return (f"cannot write or read {where}: {err.strerror or err}"
+            + (f" ({code})" if code else "") + "; free space or fix the folder's permissions, "
+            "then continue with --resume")
+
+
+def check_ratt_heads(cfg: Config) -> None:
+    """``--ratt-heads`` must divide the model's hidden size into even head sizes: checked
+    from the model's configuration where it is known without loading the weights."""
+    from fastlatent.model.loading import known_hidden_size
+
+    if cfg.run.checkpoint or cfg.model.latent != "ratt":
+        return
+    d, heads = known_hidden_size(cfg.model.model), cfg.model.ratt_heads
+    if d is not None and (d % heads or (d // heads) % 2):
+        even = [h for h in range(1, d + 1) if d % h == 0 and (d // h) % 2 == 0]
+        raise ConfigError(f"--ratt-heads {heads}: {cfg.model.model}'s hidden size {d} must "
+                          f"split into heads of an even size; choose one of "
+                          f"{', '.join(map(str, even[:8]))}{', ...' if len(even) > 8 else ''}")
+
+
+def command_line_fields(argv: list[str] | None) -> set[str]:
+    """The fields given as flags on the command line (not from --config)."""
+    return set(vars(build_parser().parse_args(argv))) - {"config"}
 
 
 def parse_config(argv: list[str] | None) -> Config:
@@ -102,6 +134,9 @@ RESUME_MAY_CHANGE = frozenset({"resume", "output_dir", "device", "save_every",
 def resumed_config(cfg: Config, explicit: set[str]) -> Config:
     """The configuration of the run in ``--output-dir`` (from its run.json); flags given
     with ``--resume`` must agree with it, or the resumed run would not be that run."""
+    if cfg.run.overwrite:
+        raise ConfigError("--resume continues the run in --output-dir, --overwrite deletes "
+                          "it; give one of them")
     saved = read_manifest(Path(cfg.run.output_dir))["config"]
     resumed = build_config(saved["run"]["preset"], {
         name: value for section in saved.values() for name, value in section.items()
@@ -234,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg, explicit = parse_args(argv)
         if cfg.run.resume and cfg.run.output_dir:
             cfg = resumed_config(cfg, explicit)
-        validate_config(cfg, explicit)
+        validate_config(cfg, explicit, command_line=command_line_fields(argv))
+        check_ratt_heads(cfg)
         tracking.resolve(cfg.run.report_to)  # a named tracker that is not installed: now
         if cfg.run.checkpoint:
             take_model_from_checkpoint(cfg)
@@ -343,6 +379,15 @@ def run_in_folder(cfg: Config, folder: RunFolder, device: torch.device,
         finish("failed", message=message, notes=notes)
         print(f"error: {message}", file=sys.stderr)
         return 1
+    except OSError as err:  # a file the run must write (or read) cannot be: disk, rights
+        message = failed(describe_os_error(err))
+        try:
+            log.write("run", "failed", message=message)
+            finish("failed", message=message, notes=notes)
+        except OSError as also:
+            message += f" (run.json not updated either: {describe_os_error(also)})"
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     except BaseException as err:
         own = f"{type(err).__name__}: {err}"
         message = failed(own)
@@ -355,12 +400,16 @@ def run_in_folder(cfg: Config, folder: RunFolder, device: torch.device,
         log.close()
         if main_rank:
             draw_plots(out)
-    if main_rank:
-        write_json_atomic(out / "metrics.json", metrics)
-        draw_plots(out)  # again, with the metrics
-    manifest["notes"] = manifest.get("notes", []) + notes
-    manifest["finished"] = _now()
-    finish("complete")
+    try:
+        if main_rank:
+            write_json_atomic(out / "metrics.json", metrics)
+            draw_plots(out)  # again, with the metrics
+        manifest["notes"] = manifest.get("notes", []) + notes
+        manifest["finished"] = _now()
+        finish("complete")
+    except OSError as err:
+        print(f"error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
     if metrics:
         print(format_table(metrics))
     if run.preset == "cpu":

@@ -4,6 +4,7 @@ configuration is written to OUTPUT_DIR/config.yaml and reproduces the run when f
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -52,10 +53,16 @@ def test_an_int_is_a_float_where_a_float_is_expected(tmp_path):
     ("resume: true\n", "--resume on the command line"),
     ("- sft_lr\n", "expected a mapping"),
     ("sft_lr: [unclosed\n", "not valid YAML"),
+    ("sft_batch_size: 8\nsft-batch-size: 16\n",
+     "sft_batch_size is given twice (as 'sft_batch_size' at the top level and as "
+     "'sft-batch-size' at the top level)"),
+    ("sigma: 1.0\nrl:\n  sigma: 2.0\n",
+     "sigma is given twice (as 'sigma' at the top level and as 'sigma' under rl)"),
+    ("sft_lr: 0.1\nsft_lr: 0.2\n", "sft_lr is given twice in one mapping (line 1)"),
 ])
 def test_a_bad_file_is_one_line_naming_the_key(tmp_path, text, named, capsys):
     path = write(tmp_path, text)
-    with pytest.raises(ConfigError, match=named.replace("[", r"\[")):
+    with pytest.raises(ConfigError, match=re.escape(named)):
         load_config_file(path)
     assert main(["--config", path, "--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
@@ -100,3 +107,8 @@ def test_feeding_back_config_yaml_repeats_the_run(tmp_path):
     assert main(["--config", str(first / "config.yaml"), "--output-dir", str(second)]) == 0
     assert (second / "config.yaml").read_text() == (first / "config.yaml").read_text()
     assert (second / "metrics.json").read_text() == (first / "metrics.json").read_text()
+
+
+def test_a_key_repeated_in_a_json_object_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="sigma is given twice in one object"):
+        load_config_file(write(tmp_path, '{"sigma": 1.0, "sigma": 2.0}', "run.json"))

@@ -417,3 +417,95 @@ def test_a_data_spec_that_cannot_load_is_refused_before_the_folder_exists(tmp_pa
     assert main(["--preset", "smoke", "--data", spec, "--output-dir", str(tmp_path / "run")]) == 2
     assert message in one_error_line(capsys)
     assert not (tmp_path / "run").exists()
+
+
+def test_rl_without_a_checkpoint_needs_allow_untrained(tmp_path, capsys):
+    assert main(["--preset", "smoke", "--stage", "rl", "--output-dir", str(tmp_path / "a")]) == 2
+    assert "--allow-untrained starts from the base model" in one_error_line(capsys)
+    assert main(["--preset", "smoke", "--allow-untrained",
+                 "--output-dir", str(tmp_path / "b")]) == 2
+    assert "--allow-untrained True: only --stage rl without --checkpoint" in \
+        one_error_line(capsys)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_resume_refuses_another_preset_and_names_resume_with_overwrite(saved_run, tmp_path,
+                                                                      capsys):
+    import shutil
+
+    assert main(["--resume", "--preset", "cpu", "--output-dir", str(saved_run)]) == 2
+    assert "--preset 'cpu': the run being resumed used 'smoke'" in one_error_line(capsys)
+    assert main(["--resume", "--overwrite", "--output-dir", str(saved_run)]) == 2
+    assert one_error_line(capsys) == ("error: --resume continues the run in --output-dir, "
+                                      "--overwrite deletes it; give one of them")
+    copy = tmp_path / "run"
+    shutil.copytree(saved_run, copy)
+    assert main(["--resume", "--preset", "smoke", "--output-dir", str(copy)]) == 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--stage", "eval", "--checkpoint", "CKPT", "--sft-lr", "0.01"],
+     "--sft-lr 0.01: has no effect here (--stage eval runs no SFT)"),
+    (["--stage", "eval", "--checkpoint", "CKPT", "--sigma", "2.5"],
+     "--sigma 2.5: has no effect here (--stage eval runs no RL)"),
+    (["--stage", "eval", "--checkpoint", "CKPT", "--save-every", "3"],
+     "--save-every 3: has no effect here (--stage eval trains nothing)"),
+    (["--stage", "sft", "--num-samples", "4"],
+     "--num-samples 4: has no effect here (--stage sft runs no RL)"),
+    (["--latent", "none", "--num-latents", "3"],
+     "--num-latents 3: has no effect here (--latent none has no latent token)"),
+    (["--latent", "none", "--sigma", "1.0"],
+     "--sigma 1.0: has no effect here (--latent none has no latent for RL to train)"),
+    (["--sft-lora-alpha", "8"], "--sft-lora-alpha 8.0: has no effect here (--sft-lora-r 0"),
+    (["--rl-llm-lr", "1e-6"], "--rl-llm-lr 1e-06: has no effect here (--rl-trainable ratt"),
+])
+def test_a_flag_with_no_effect_is_refused(saved_run, tmp_path, capsys, flags, message):
+    flags = [str(saved_run / "sft") if f == "CKPT" else f for f in flags]
+    assert main(["--preset", "smoke", *flags, "--output-dir", str(tmp_path / "run")]) == 2
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_file_may_hold_settings_the_stage_does_not_use(tmp_path):
+    from fastlatent.train import command_line_fields, parse_args, validate_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("sigma: 2.5\nnum_samples: 4\n")
+    argv = ["--preset", "smoke", "--stage", "sft", "--config", str(path)]
+    cfg, explicit = parse_args(argv)
+    validate_config(cfg, explicit, command_line=command_line_fields(argv))  # no error
+    assert command_line_fields(argv) == {"preset", "stage"}
+
+
+def test_ratt_heads_that_do_not_split_the_hidden_size_are_refused_before_loading(tmp_path,
+                                                                                 capsys):
+    assert main(["--preset", "smoke", "--ratt-heads", "3",
+                 "--output-dir", str(tmp_path / "run")]) == 2
+    assert "--ratt-heads 3: tiny-random's hidden size 64 must split into heads of an even " \
+        "size; choose one of 1, 2, 4, 8, 16, 32" in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+    from fastlatent.model.loading import known_hidden_size
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"hidden_size": 96}')
+    assert known_hidden_size(str(tmp_path / "model")) == 96
+    assert known_hidden_size("smollm2-135m") == 576
+    assert known_hidden_size("some/hub-id") is None
+
+
+def test_a_write_that_fails_mid_run_is_one_line_and_the_run_is_marked_failed(tmp_path, capsys,
+                                                                             monkeypatch):
+    import errno
+
+    out = tmp_path / "run"
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "checkpoints"))
+
+    monkeypatch.setattr("fastlatent.sft.checkpoint_after_step", full_disk)
+    assert smoke(out) == 1
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: cannot write or read {out / 'checkpoints'}: No space left "
+                           "on device (ENOSPC)")
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "failed" and "ENOSPC" in manifest["segments"][-1]["message"]

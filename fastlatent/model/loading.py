@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -43,6 +44,28 @@ RANDOM_CONFIGS = {
         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
         rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=32768)),
 }
+
+
+SMOLLM2_HIDDEN_SIZE = 576  # SmolLM2-135M's d (its GGUF metadata: llama.embedding_length)
+TINY_HIDDEN_SIZE = 64  # tiny_llama_config's hidden_size
+
+
+def known_hidden_size(name: str) -> int | None:
+    """The hidden size of ``--model name`` without loading weights: the built-in names,
+    or a local Hugging Face directory's config.json; None when it cannot be told cheaply
+    (a hub id, a GGUF file other than the default)."""
+    if name == "tiny-random":
+        return TINY_HIDDEN_SIZE
+    if name == "smollm2-135m":
+        return SMOLLM2_HIDDEN_SIZE
+    if name in RANDOM_CONFIGS:
+        return RANDOM_CONFIGS[name][1]["hidden_size"]
+    config = Path(name).expanduser() / "config.json"
+    try:
+        size = json.loads(config.read_text(encoding="utf-8")).get("hidden_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return size if isinstance(size, int) else None
 
 
 def random_llm(name: str, dtype: torch.dtype, seed: int = 0):
