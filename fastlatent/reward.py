@@ -126,9 +126,12 @@ def ppl_reward(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: to
     rows = latents.reshape(b * k, n, hidden_size)
     try:
         decoder = Decoder(model)
-    except UnsupportedModelError as err:
-        print(f"notice: {err}; scoring through the model's own forward with each prompt "
-              "repeated per sample (slower)", file=sys.stderr)
+    except UnsupportedModelError:
+        kind = getattr(model.config, "model_type", "?")
+        print(f"notice: {type(model).__name__} ({kind}) is not a family the shared-prefix "
+              "engine covers (Llama, Qwen2/2.5, Qwen3, Mistral); ppl_reward scores it "
+              "through the model's own forward instead, each prompt repeated per sample: the "
+              "same rewards, computed more slowly", file=sys.stderr)
         logp = _generic_logprobs(model, ids, mask, rows, tgt_ids, tgt_mask, k)
     else:
         with torch.no_grad():

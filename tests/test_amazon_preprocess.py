@@ -197,3 +197,21 @@ def test_cli(tmp_path, capsys):
     assert main(["--reviews", str(reviews), "--meta", str(meta), "--out",
                  str(tmp_path / "o3"), "--start", "2017/10"]) == 1
     assert "YYYY-MM" in capsys.readouterr().err
+
+
+def test_bytes_that_are_not_utf8_are_refused_or_counted(tmp_path, capsys):
+    reviews, meta = write_raw(tmp_path)
+    text = meta.read_bytes()
+    assert text.count(b'"Album Number 5"') == 1
+    meta.write_bytes(text.replace(b'"Album Number 5"', b'"Album Nu\xfcmber 5"') + b"\xe9\n")
+    assert main(["--reviews", str(reviews), "--meta", str(meta), "--out", str(tmp_path / "a"),
+                 "--min-items", "25"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --meta {meta}: line 6 is not UTF-8 (byte 0xfc at byte ")
+    assert "--encoding-errors replace" in err
+    assert main(["--reviews", str(reviews), "--meta", str(meta), "--out", str(tmp_path / "b"),
+                 "--min-items", "25", "--encoding-errors", "replace"]) == 0
+    summary = json.loads((tmp_path / "b" / "preprocess.json").read_text())
+    assert summary["encoding_errors"] == "replace"
+    assert summary["counts"]["meta_undecodable_bytes"] == 2
+    assert summary["counts"]["meta_lines_with_undecodable_bytes"] == 2

@@ -73,12 +73,44 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
 
-def json_lines(path: Path, what: str, report: Report) -> Iterator[dict]:
-    """The JSON objects of a (gzipped) JSON-lines file; malformed lines are counted."""
+ENCODING_ERRORS = ("strict", "replace")
+
+
+def decode_counting(raw: bytes) -> tuple[str, int]:
+    """``raw`` decoded as UTF-8, each undecodable run of bytes replaced by U+FFFD, and the
+    number of bytes replaced."""
+    parts, bad, pos = [], 0, 0
+    while True:
+        try:
+            parts.append(raw[pos:].decode("utf-8"))
+            return "".join(parts), bad
+        except UnicodeDecodeError as err:
+            parts.append(raw[pos:pos + err.start].decode("utf-8"))
+            parts.append("\ufffd")
+            bad += err.end - err.start
+            pos += err.end
+
+
+def json_lines(path: Path, what: str, report: Report, encoding_errors: str = "strict"
+               ) -> Iterator[dict]:
+    """The JSON objects of a (gzipped) JSON-lines file; malformed lines are counted. A line
+    that is not UTF-8 is an error naming the line and byte (``encoding_errors="strict"``)
+    or is read with U+FFFD for its bad bytes, which are counted (``"replace"``)."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-            for line in f:
+        with opener(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                line, bad = decode_counting(raw)
+                if bad and encoding_errors == "strict":
+                    column = _first_bad_byte(raw)
+                    raise DataError(
+                        f"--{what} {path}: line {number} is not UTF-8 (byte "
+                        f"0x{raw[column]:02x} at byte {column + 1}); fix the file, or pass "
+                        "--encoding-errors replace to read such bytes as U+FFFD (counted in "
+                        "preprocess.json)")
+                if bad:
+                    report.counts[f"{what}_undecodable_bytes"] += bad
+                    report.counts[f"{what}_lines_with_undecodable_bytes"] += 1
                 if not line.strip():
                     continue
                 try:
@@ -94,9 +126,18 @@ def json_lines(path: Path, what: str, report: Report) -> Iterator[dict]:
         raise DataError(f"--{what} {path}: cannot be read ({err})") from None
 
 
-def read_titles(meta: Path, report: Report) -> dict[str, str]:
+def _first_bad_byte(raw: bytes) -> int:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return err.start
+    return 0
+
+
+def read_titles(meta: Path, report: Report, encoding_errors: str = "strict"
+                ) -> dict[str, str]:
     titles: dict[str, str] = {}
-    for row in json_lines(meta, "meta", report):
+    for row in json_lines(meta, "meta", report, encoding_errors):
         asin = row.get("asin")
         if not isinstance(asin, str):
             report.counts["meta_malformed_lines"] += 1
@@ -118,9 +159,10 @@ class Review:
     order: int  # position in the file (ties in time keep it)
 
 
-def read_reviews(path: Path, titles: dict[str, str], report: Report) -> list[Review]:
+def read_reviews(path: Path, titles: dict[str, str], report: Report,
+                 encoding_errors: str = "strict") -> list[Review]:
     first: dict[tuple[str, str], Review] = {}
-    for order, row in enumerate(json_lines(path, "reviews", report)):
+    for order, row in enumerate(json_lines(path, "reviews", report, encoding_errors)):
         user, asin, time = row.get("reviewerID"), row.get("asin"), row.get("unixReviewTime")
         if not (isinstance(user, str) and isinstance(asin, str) and isinstance(time, int)):
             report.counts["reviews_malformed_lines"] += 1
@@ -235,12 +277,15 @@ def write_layout(out: Path, name: str, rows: list[dict], ids: dict[str, int],
 
 def preprocess(reviews: Path, meta: Path, out: Path, *, start: str = "2017-10",
                end: str = "2018-11", min_items: int = 5000, seed: int = 42,
-               name: str | None = None) -> dict:
+               name: str | None = None, encoding_errors: str = "strict") -> dict:
     """Run steps 1-6 of the module docstring; returns what preprocess.json holds."""
+    if encoding_errors not in ENCODING_ERRORS:
+        raise ValueError(f"expected encoding_errors in {ENCODING_ERRORS}, got "
+                         f"{encoding_errors!r}")
     report = Report()
-    titles = read_titles(Path(meta), report)
-    kept, first_month = windowed(read_reviews(Path(reviews), titles, report), month(start),
-                                 month(end), min_items, report)
+    titles = read_titles(Path(meta), report, encoding_errors)
+    kept, first_month = windowed(read_reviews(Path(reviews), titles, report, encoding_errors),
+                                 month(start), month(end), min_items, report)
     items = sorted({r.asin for r in kept})
     random.Random(seed).shuffle(items)
     ids = {asin: i for i, asin in enumerate(items)}
@@ -250,6 +295,7 @@ def preprocess(reviews: Path, meta: Path, out: Path, *, start: str = "2017-10",
     sizes = write_layout(Path(out), name, rows, ids, titles)
     summary = {"name": name, "start": f"{first_month:%Y-%m}", "end": f"{month(end):%Y-%m}",
                "requested_start": start, "min_items": min_items, "seed": seed,
+               "encoding_errors": encoding_errors,
                "items": len(ids), "users": len({r.user for r in kept}),
                "reviews": len(kept), "samples": sizes, "counts": dict(report.counts),
                "notes": report.notes}
@@ -270,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="move the start back 3 months while fewer items remain (5000)")
     p.add_argument("--seed", type=int, default=42, help="seed of the item-id shuffle")
     p.add_argument("--name", default=None, help="NAME of the files (default from --reviews)")
+    p.add_argument("--encoding-errors", choices=ENCODING_ERRORS, default="strict",
+                   help="a line that is not UTF-8: strict (an error naming it) | replace "
+                   "(its bad bytes read as U+FFFD and counted in preprocess.json) "
+                   "(default strict, as the CSV reader)")
     args = p.parse_args(argv)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -278,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = preprocess(Path(args.reviews), Path(args.meta), out, start=args.start,
                              end=args.end, min_items=args.min_items, seed=args.seed,
-                             name=args.name)
+                             name=args.name, encoding_errors=args.encoding_errors)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
