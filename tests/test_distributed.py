@@ -114,7 +114,8 @@ FLAGS = ["--preset", "smoke", "--rl-micro-batch", "4"]
 
 
 def train(out, *extra, nproc=1, wrapper=None):
-    args = [*FLAGS, "--output-dir", str(out), *extra]
+    flags = FLAGS if "eval" not in extra else FLAGS[:2]  # an evaluation takes no RL flag
+    args = [*flags, "--output-dir", str(out), *extra]
     if nproc == 1:
         cmd = [sys.executable, "-m", "fastlatent.train", *args]
     else:

@@ -33,7 +33,11 @@ def train(out, *extra, stage=None, at=None, sig="SIGKILL"):
     after its optimiser update number ``at``; with "eval", after the ``at``-th title that
     an evaluation decodes."""
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    args = [*FLAGS, "--output-dir", str(out), *extra]
+    flags = FLAGS
+    if "--stage" in extra and extra[extra.index("--stage") + 1] == "sft":  # no RL flag
+        at = FLAGS.index("--rl-max-steps")
+        flags = FLAGS[:at] + FLAGS[at + 2:]
+    args = [*flags, "--output-dir", str(out), *extra]
     if stage is None:
         cmd = [sys.executable, "-m", "fastlatent.train", *args]
     else:
