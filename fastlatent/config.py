@@ -329,17 +329,15 @@ def load_config_file(path: str) -> dict[str, Any]:
             flat += [(k, f"under {key}", v) for k, v in value.items()]
         else:
             flat.append((key, "at the top level", value))
+    fields = _field_types()
+    values: dict[str, Any] = {}
     seen: dict[str, str] = {}
-    for key, where, _ in flat:
+    for key, where, value in flat:
         name = str(key).replace("-", "_")
         if name in seen:
             raise ConfigError(f"--config {path}: {name} is given twice ({seen[name]} and as "
                               f"{key!r} {where}); keep one")
         seen[name] = f"as {key!r} {where}"
-    fields = _field_types()
-    values: dict[str, Any] = {}
-    for key, _, value in flat:
-        name = str(key).replace("-", "_")
         if name in NOT_IN_CONFIG_FILES:
             raise ConfigError(f"--config {path}: {key} is not a run setting; give "
                               f"--{name.replace('_', '-')} on the command line")
