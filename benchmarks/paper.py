@@ -282,11 +282,11 @@ def budget_flags(budget: str, variant_flags: list[str]) -> list[str]:
     from fastlatent.train import parse_args
 
     flags = BUDGETS[budget]
+    pairs = [(flags[i].lstrip("-").replace("-", "_"), flags[i:i + 2])
+             for i in range(0, len(flags), 2)]
     cfg, _ = parse_args([*flags, *variant_flags])
-    names = {flags[i].lstrip("-").replace("-", "_") for i in range(0, len(flags), 2)}
-    unused = {name for name, _ in unused_fields(cfg, names)}
-    return [part for i in range(0, len(flags), 2) for part in flags[i:i + 2]
-            if flags[i].lstrip("-").replace("-", "_") not in unused]
+    unused = {name for name, _ in unused_fields(cfg, [name for name, _ in pairs])}
+    return [part for name, pair in pairs if name not in unused for part in pair]
 
 
 def is_done(v: Variant, out: Path) -> bool:

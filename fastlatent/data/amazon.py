@@ -76,15 +76,16 @@ class Report:
 ENCODING_ERRORS = ("strict", "replace")
 
 
-def decode_counting(raw: bytes) -> tuple[str, int]:
-    """``raw`` decoded as UTF-8, each undecodable run of bytes replaced by U+FFFD, and the
-    number of bytes replaced."""
-    parts, bad, pos = [], 0, 0
+def decode_counting(raw: bytes) -> tuple[str, int, int]:
+    """``raw`` decoded as UTF-8 with each undecodable run of bytes replaced by U+FFFD, the
+    number of bytes replaced, and the position of the first (-1 when none)."""
+    parts, bad, pos, first = [], 0, 0, -1
     while True:
         try:
             parts.append(raw[pos:].decode("utf-8"))
-            return "".join(parts), bad
+            return "".join(parts), bad, first
         except UnicodeDecodeError as err:
+            first = pos + err.start if first < 0 else first
             parts.append(raw[pos:pos + err.start].decode("utf-8"))
             parts.append("\ufffd")
             bad += err.end - err.start
@@ -100,12 +101,11 @@ def json_lines(path: Path, what: str, report: Report, encoding_errors: str = "st
     try:
         with opener(path, "rb") as f:
             for number, raw in enumerate(f, start=1):
-                line, bad = decode_counting(raw)
+                line, bad, first = decode_counting(raw)
                 if bad and encoding_errors == "strict":
-                    column = _first_bad_byte(raw)
                     raise DataError(
                         f"--{what} {path}: line {number} is not UTF-8 (byte "
-                        f"0x{raw[column]:02x} at byte {column + 1}); fix the file, or pass "
+                        f"0x{raw[first]:02x} at byte {first + 1}); fix the file, or pass "
                         "--encoding-errors replace to read such bytes as U+FFFD (counted in "
                         "preprocess.json)")
                 if bad:
@@ -124,14 +124,6 @@ def json_lines(path: Path, what: str, report: Report, encoding_errors: str = "st
                 yield row
     except (OSError, EOFError) as err:
         raise DataError(f"--{what} {path}: cannot be read ({err})") from None
-
-
-def _first_bad_byte(raw: bytes) -> int:
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return err.start
-    return 0
 
 
 def read_titles(meta: Path, report: Report, encoding_errors: str = "strict"
