@@ -146,7 +146,7 @@ def launches_fused_logprob(model: ModelShape, dtype: torch.dtype) -> list[Launch
     targets = _meta(rows, dtype=torch.int64)
     with recording(kern) as sink:
         _, lse = op._fused_logprob_fwd(hidden, weight, targets)
-        op._fused_logprob_bwd(_meta(rows), hidden, weight, targets, _meta(rows), None,
+        op._fused_logprob_bwd(_meta(rows), hidden, weight, targets, _meta(rows),
                               need_hidden=True, need_weight=True)
     return sink
 
@@ -354,10 +354,13 @@ def compile_one(op: str, launch: Launch, config: triton.Config, shape: str, dtyp
 
 def unique_launches(launches: list[Launch]) -> list[Launch]:
     """One launch per kernel and constexpr set (e.g. the two dk/dv launches differ in
-    SUFFIX; two expand launches in HAS_NOISE/HAS_SEED)."""
+    SUFFIX; two expand launches in HAS_NOISE/HAS_SEED). The launchers pass every argument
+    by keyword; only the constexpr ones tell launches apart here."""
     seen, out = set(), []
     for launch in launches:
-        key = (launch.kernel, tuple(sorted((k, repr(v)) for k, v in launch.kwargs.items())))
+        constexprs = {param.name for param in launch.fn.params if param.is_constexpr}
+        key = (launch.kernel, tuple(sorted((k, repr(v)) for k, v in launch.kwargs.items()
+                                           if k in constexprs)))
         if key not in seen:
             seen.add(key)
             out.append(launch)

@@ -32,7 +32,7 @@ QWEN25_15B_HEAD = HeadShape("qwen2.5-1.5b", 1536, 151936)
 PAPER_STEP = StepShape("paper", prompts=32, k=8, prompt_len=126, target_len=9)
 CPU_STEP = StepShape("cpu", prompts=4, k=8, prompt_len=126, target_len=9)
 # The release's template with SmolLM2's tokenizer: 78 of ~135 prompt tokens are common to
-# every prompt of a batch (issue 9's count on 500 CDs test prompts).
+# every prompt of a batch (counted on 500 CDs test prompts; benchmarks/RESULTS.md).
 PAPER_TREE_STEP = StepShape("paper-tree", prompts=32, k=8, prompt_len=57, target_len=9,
                             common_len=78)
 CPU_TREE_STEP = StepShape("cpu-tree", prompts=4, k=8, prompt_len=57, target_len=9,

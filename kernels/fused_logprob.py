@@ -19,9 +19,7 @@ against the whole vocabulary, one [BLOCK_N, BLOCK_V] tile per program, and store
 coefficients c (bf16 for bf16 inputs, fp32 otherwise) for the chunk; the launcher applies
 them with two GEMMs (dh = c W, dW = c^T h), which the vendor library runs at tensor-core
 speed. Nothing is accumulated across programs: each c element is written once and read
-once by each GEMM. (The earlier kernels kept fp32 dh/dW accumulators in global memory
-and read-modified-wrote them for every vocabulary tile: rows x V/BLOCK_V x D x 8 bytes
-of traffic, and each recomputed the logits for itself.)
+once by each GEMM.
 
 Dtype policy: loads are converted to fp32 right after ``tl.load`` except the logits
 GEMM's operands, which keep the inputs' fp16/bf16 on the GPU (``OPERAND``; the
@@ -118,8 +116,8 @@ def _fused_logprob_fwd_kernel(h, w, t, m_part, l_part, z_part, N, V, D, stride_h
     """Grid (row blocks, splits). Writes, for its rows and its split's tiles, the running
     max m, sum l = sum_v exp(s_nv - m) and the target logit z (0 if the target is in
     another split) to the [splits, N] partials."""
-    # o_n stays int64 here: with int32 rows the 64x64x64/4-warp tile spilled 16 B on
-    # sm_80 (compile_check); the vocabulary and hidden offsets in the loops are int32.
+    # o_n stays int64 here (int32 rows make the 64x64x64/4-warp tile spill on sm_80);
+    # the vocabulary and hidden offsets in the loops are int32.
     i_n = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)

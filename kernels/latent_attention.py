@@ -43,9 +43,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     BWD_CONFIGS = CONFIGS
     EXPAND_CONFIGS = [triton.Config({"BLOCK_D": 16})]
 else:
-    # benchmarks/compile_check.py: BLOCK_L = BLOCK_D = 64 with 4 warps spilled (~1.8 KB
-    # per thread in the fp16/bf16 backward, 28-40 B in the forward on sm_80); dropped.
-    # The forward at 32x64/4 warps spills 88-140 B with Triton 3.6 (the GPU image's).
+    # Tiles chosen with benchmarks/compile_check.py (figures in benchmarks/RESULTS.md).
+    # The forward leaves out 32x64/4 warps, which spills with Triton 3.6.
     BWD_CONFIGS = [
         triton.Config({"BLOCK_L": 32, "BLOCK_D": 64}, num_warps=4),
         triton.Config({"BLOCK_L": 32, "BLOCK_D": 128}, num_warps=8),

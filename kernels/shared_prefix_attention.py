@@ -52,37 +52,33 @@ from .rounding import dot_operand
 
 # Tile sizes live here only (BLOCK_D is D rounded up to a power of two >= 16, set by the
 # launcher). One config under the interpreter: autotune with several needs a GPU driver.
+# dk/dv holds k, v, dk and dv tiles at once, so its tiles depend on the head dim D: heads
+# up to SMALL_HEAD_DIM take DKDV_SMALL_HEAD_CONFIGS, larger heads DKDV_LARGE_HEAD_CONFIGS
+# (autotune pruning, ``_dkdv_tiles``).
+SMALL_HEAD_DIM = 64
 if os.environ.get("TRITON_INTERPRET") == "1":
     FWD_CONFIGS = DQ_CONFIGS = DKDV_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})]
-    DKDV_BY_HEAD_DIM: dict[bool, list[triton.Config]] = {}
+    DKDV_SMALL_HEAD_CONFIGS = DKDV_LARGE_HEAD_CONFIGS = DKDV_CONFIGS
 else:
     def _tile(m: int, n: int, warps: int, stages: int) -> triton.Config:
         return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps,
                              num_stages=stages)
 
-    # Chosen with benchmarks/compile_check.py (Triton 3.9 and 3.6, bf16, the RL step of
-    # SmolLM2 (D = 64) and Qwen2.5-1.5B (D = 128), sm_80 and sm_90; benchmarks/RESULTS.md).
-    # The first FlashAttention-2 guesses spilled (64x64 and 128x64 tiles: 28-708 B) and
-    # the 128x64/8-warp tiles needed 256 KiB of shared memory on sm_90. Kept: the tiles
-    # that compile without spills for both targets. dk/dv holds k, v, dk and dv tiles at
-    # once; with bf16 dot operands and int32 indices these compile spill-free for both
-    # targets under Triton 3.9 and 3.6: at D = 64 three tiles (64x32/8 warps/3 stages,
-    # 64x16/4, 32x32/8; 64x32 at 4 warps or 2 stages spilled 16-84 B), at D = 128 only
-    # 32x32/4 (every 64-query tile spills on sm_90, 88-2400 B; 16x32 24 B on sm_80 with
-    # 3.6). ``_dkdv_tiles`` offers each head dim its own. dq: 32x32/3 stages spilled 8 B
-    # on sm_90 with 3.6 and 64x16 16 B on sm_80 with 3.9, so one tile is left.
-    FWD_CONFIGS = [_tile(32, 64, 4, 2)]  # 64x32 spills 32 B on sm_80 with Triton 3.6
+    # The tiles that compile without spills on sm_80 and sm_90 under Triton 3.9 and 3.6
+    # (benchmarks/compile_check.py, bf16, the RL step of SmolLM2 (D = 64) and
+    # Qwen2.5-1.5B (D = 128); the figures are in benchmarks/RESULTS.md).
+    FWD_CONFIGS = [_tile(32, 64, 4, 2)]
     DQ_CONFIGS = [_tile(32, 32, 4, 2)]
-    DKDV_BY_HEAD_DIM = {False: [_tile(64, 32, 8, 3), _tile(64, 16, 4, 2),  # D <= 64
-                                _tile(32, 32, 8, 2)],
-                        True: [_tile(32, 32, 4, 2)]}  # D > 64
-    DKDV_CONFIGS = DKDV_BY_HEAD_DIM[False] + DKDV_BY_HEAD_DIM[True]
+    DKDV_SMALL_HEAD_CONFIGS = [_tile(64, 32, 8, 3), _tile(64, 16, 4, 2), _tile(32, 32, 8, 2)]
+    DKDV_LARGE_HEAD_CONFIGS = [_tile(32, 32, 4, 2)]
+    DKDV_CONFIGS = DKDV_SMALL_HEAD_CONFIGS + DKDV_LARGE_HEAD_CONFIGS
 
 
 def _dkdv_tiles(configs, named_args, **kwargs):
-    """Autotune pruning: the dk/dv tiles kept for the call's head dim (all of them under
-    the interpreter, which has one)."""
-    return DKDV_BY_HEAD_DIM.get(named_args["D"] > 64, configs)
+    """Autotune pruning: the dk/dv tiles kept for the call's head dim D (the kernel's
+    arguments come positionally in ``named_args`` or by keyword in ``kwargs``)."""
+    head_dim = kwargs["D"] if "D" in kwargs else named_args["D"]
+    return DKDV_SMALL_HEAD_CONFIGS if head_dim <= SMALL_HEAD_DIM else DKDV_LARGE_HEAD_CONFIGS
 
 
 @triton.jit

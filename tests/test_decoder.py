@@ -8,9 +8,9 @@ import torch
 
 from fastlatent.engine.decoder import Decoder, SuffixCache, UnsupportedModelError
 from fastlatent.model.loading import tiny_llama_config
+from fastlatent.testing.op_checks import FP32_TOL as TOL
 
 VOCAB, PROMPT_LENGTHS = 64, (6, 3, 5)  # per prompt; prompts are left-padded to the longest
-TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def small(**kwargs):

@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from fastlatent.ops._backend import resolve_backend
+from fastlatent.ops._backend import checks_values, resolve_backend
 from fastlatent.ops._launch import alloc as _alloc
 from fastlatent.ops._launch import cdiv as _cdiv
 from fastlatent.ops._launch import dot_args
@@ -44,6 +44,8 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     if not (hidden.is_floating_point() and weight.is_floating_point()):
         raise ValueError(f"expected floating-point hidden and weight, got "
                          f"{hidden.dtype} and {weight.dtype}")
+    if not checks_values(targets):  # reading targets' values would sync with the GPU
+        return
     valid = targets[targets != IGNORE_INDEX]
     if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= weight.shape[0]):
         raise ValueError(f"expected targets in [0, {weight.shape[0]}) or {IGNORE_INDEX}, got "
@@ -102,7 +104,7 @@ def _fused_logprob_bwd_torch(grad_logp: torch.Tensor, hidden: torch.Tensor,
 def fused_logprob_torch(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                         vocab_tile: int = VOCAB_TILE) -> torch.Tensor:
     """PyTorch implementation of :func:`fused_logprob` (tiled over the vocabulary)."""
-    return _FusedLogprobFn.apply(hidden, weight, targets, "torch", vocab_tile)
+    return _FusedLogprobFn.apply(hidden, weight, targets, "torch", None, vocab_tile)
 
 
 # ---------------------------------------------------------------------------- Triton path
@@ -110,8 +112,6 @@ def fused_logprob_torch(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MIN_SPLIT_V = 2048          # fewest vocabulary entries per split of the row-block grid
 _COEF_BYTES = 1 << 28        # cap on the backward's [rows, V] coefficient chunk
-
-
 
 
 @functools.cache
@@ -155,15 +155,16 @@ def _fused_logprob_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
         return (_cdiv(n, meta["BLOCK_N"]), s)
 
     kern._fused_logprob_fwd_kernel[grid](
-        hidden, weight, targets, part[0], part[1], part[2], n, v, d,
-        hidden.stride(0), weight.stride(0), **_logit_args(hidden, weight))
+        h=hidden, w=weight, t=targets, m_part=part[0], l_part=part[1], z_part=part[2], N=n,
+        V=v, D=d, stride_hn=hidden.stride(0), stride_wv=weight.stride(0),
+        **_logit_args(hidden, weight))
 
     def grid_rows(meta):
         return (_cdiv(n, meta["BLOCK_N"]),)
 
     kern._fused_logprob_combine_kernel[grid_rows](
-        part[0], part[1], part[2], targets, logp, lse, n, s,
-        BLOCK_S=max(2, 1 << (s - 1).bit_length()))
+        m_part=part[0], l_part=part[1], z_part=part[2], t=targets, logp=logp, lse=lse, N=n,
+        S=s, BLOCK_S=max(2, 1 << (s - 1).bit_length()))
     return logp, lse
 
 
@@ -185,17 +186,17 @@ def _row_chunk(n: int, v: int, dtype: torch.dtype) -> int:
 
 
 def _fused_logprob_bwd(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
-                       targets: torch.Tensor, lse: torch.Tensor, num_splits: int | None,
-                       need_hidden: bool, need_weight: bool):
+                       targets: torch.Tensor, lse: torch.Tensor, need_hidden: bool,
+                       need_weight: bool):
     """Triton backward: (grad_hidden or None, grad_weight or None) in the input dtypes.
 
     For each chunk of rows the coefficient kernel writes c [rows, V] (``_coef_dtype``) and
     two GEMMs apply it: dh[rows] = c W (each row's gradient made whole by one GEMM, fp32
     accumulation inside it), dW += c^T h[rows] (one chunk: written directly; several:
-    summed in fp32). Traffic per chunk: c written once and read once per GEMM."""
+    summed in fp32). Traffic per chunk: c written once and read once per GEMM. The
+    coefficient grid is rows x vocabulary tiles: no vocabulary splits here."""
     from fastlatent.kernels import fused_logprob as kern
 
-    del num_splits  # the coefficient grid is already rows x vocabulary tiles
     n, d = hidden.shape
     v = weight.shape[0]
     dtype = _coef_dtype(hidden, weight)
@@ -216,9 +217,9 @@ def _fused_logprob_bwd(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: to
             return (_cdiv(count, meta["BLOCK_N"]), _cdiv(v, meta["BLOCK_V"]))
 
         kern._fused_logprob_bwd_coef_kernel[grid](
-            hidden[rows], weight, targets[rows], lse[rows], g[rows], c, count, v, d,
-            hidden.stride(0), weight.stride(0), c.stride(0), **logit,
-            ROUND_TO=dot_args(dtype)["ROUND_TO"])
+            h=hidden[rows], w=weight, t=targets[rows], lse=lse[rows], g=g[rows], c=c, N=count,
+            V=v, D=d, stride_hn=hidden.stride(0), stride_wv=weight.stride(0),
+            stride_cn=c.stride(0), **logit, ROUND_TO=dot_args(dtype)["ROUND_TO"])
         if need_hidden:
             torch.mm(c, w_gemm, out=grad_h[rows])
         if need_weight:
@@ -241,30 +242,41 @@ def _add_grad_weight(grad_w: torch.Tensor | None, c: torch.Tensor, h: torch.Tens
 
 class _FusedLogprobFn(torch.autograd.Function):
     """Both backends: forward saves the per-row log-sum-exp, backward recomputes each
-    vocabulary tile from it. ``tiling``: the torch path's vocab tile, or the Triton path's
-    split count (None = by device)."""
+    vocabulary tile from it. ``num_splits``: the Triton forward's vocabulary split count
+    (None = by device); ``vocab_tile``: the torch path's vocabulary tile. Each backend
+    ignores the other's."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, backend: str, tiling: int | None):
+    def forward(ctx, hidden, weight, targets, backend: str, num_splits: int | None = None,
+                vocab_tile: int = VOCAB_TILE):
         if backend == "triton":
             hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
             weight = weight if weight.stride(-1) == 1 else weight.contiguous()
             targets = targets.contiguous()
-            logp, lse = _fused_logprob_fwd(hidden, weight, targets, tiling)
+            logp, lse = _fused_logprob_fwd(hidden, weight, targets, num_splits)
         else:
-            logp, lse = _fused_logprob_fwd_torch(hidden, weight, targets, tiling)
+            logp, lse = _fused_logprob_fwd_torch(hidden, weight, targets, vocab_tile)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.backend = backend
-        ctx.tiling = tiling
+        ctx.vocab_tile = vocab_tile
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
         hidden, weight, targets, lse = ctx.saved_tensors
-        bwd = _fused_logprob_bwd if ctx.backend == "triton" else _fused_logprob_bwd_torch
-        grad_h, grad_w = bwd(grad_logp, hidden, weight, targets, lse, ctx.tiling,
-                             ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return grad_h, grad_w, None, None, None
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        if ctx.backend == "triton":
+            grad_h, grad_w = _fused_logprob_bwd(grad_logp, hidden, weight, targets, lse,
+                                                need_hidden, need_weight)
+        else:
+            grad_h, grad_w = _fused_logprob_bwd_torch(grad_logp, hidden, weight, targets, lse,
+                                                      ctx.vocab_tile, need_hidden, need_weight)
+        return (grad_h,  # hidden
+                grad_w,  # weight
+                None,    # targets
+                None,    # backend
+                None,    # num_splits
+                None)    # vocab_tile
 
 
 def fused_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -282,5 +294,5 @@ def fused_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     use_triton = (resolve_backend(hidden.device, backend, available=("torch", "triton")) == "triton"
                   and hidden.dtype in _TRITON_DTYPES and weight.dtype in _TRITON_DTYPES)
     if use_triton:
-        return _FusedLogprobFn.apply(hidden, weight, targets, "triton", None)
+        return _FusedLogprobFn.apply(hidden, weight, targets, "triton", None, VOCAB_TILE)
     return fused_logprob_torch(hidden, weight, targets, vocab_tile=vocab_tile)

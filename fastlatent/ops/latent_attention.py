@@ -97,8 +97,6 @@ def _weight_tensors(weights: LatentAttentionWeights) -> tuple[torch.Tensor, ...]
             weights.v_weight, weights.v_bias)
 
 
-
-
 def _latent_attention_fwd(hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
                           qcol: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                           rope_base: float) -> tuple[torch.Tensor, ...]:
@@ -112,9 +110,10 @@ def _latent_attention_fwd(hidden: torch.Tensor, mask: torch.Tensor, pos: torch.T
     z, w = _alloc((b, length), hidden.device), _alloc((b, length), hidden.device)
     lse, s = _alloc((b,), hidden.device), _alloc((b, d), hidden.device)
     kern._latent_attention_fwd_kernel[(b,)](
-        q, k, hidden, mask, pos, qcol, z, w, lse, s, length, d, d // 2,
-        k.stride(0), k.stride(1), hidden.stride(0), hidden.stride(1),
-        1.0 / math.sqrt(d), math.log2(rope_base), tune_bucket(length))
+        q=q, k=k, h=hidden, mask=mask, pos=pos, qcol=qcol, z=z, w=w, lse=lse, s=s,
+        L=length, D=d, HALF=d // 2, stride_kb=k.stride(0), stride_kl=k.stride(1),
+        stride_hb=hidden.stride(0), stride_hl=hidden.stride(1), sm_scale=1.0 / math.sqrt(d),
+        log2_base=math.log2(rope_base), L_BUCKET=tune_bucket(length))
     return w, s
 
 
@@ -130,10 +129,12 @@ def _latent_attention_expand(rv: torch.Tensor, v_bias: torch.Tensor,
     out = _alloc((b, n_k, d), rv.device)
     if n_k == 0:
         return out
-    strides = (0, 0) if noise is None else (noise.stride(0), noise.stride(1))
     kern._latent_attention_expand_kernel[(b, n_k)](
-        rv, v_bias, rv if noise is None else noise, out, n_k, d, *strides, sigma,
-        0 if seed is None else seed, HAS_NOISE=noise is not None, HAS_SEED=seed is not None)
+        rv=rv, bias=v_bias, noise=rv if noise is None else noise, out=out, K=n_k, D=d,
+        stride_nb=0 if noise is None else noise.stride(0),
+        stride_nk=0 if noise is None else noise.stride(1), sigma=sigma,
+        seed=0 if seed is None else seed, HAS_NOISE=noise is not None,
+        HAS_SEED=seed is not None)
     return out
 
 
@@ -151,9 +152,10 @@ def _latent_attention_bwd(g_s: torch.Tensor, hidden: torch.Tensor, mask: torch.T
     dq, dk = _alloc((b, d), hidden.device), _alloc((b, length, d), hidden.device)
     dh = _alloc((b, length, d), hidden.device)
     kern._latent_attention_bwd_kernel[(b,)](
-        q, k, hidden, mask, pos, qcol, w, g_s, gz, dq, dk, dh, length, d, d // 2,
-        k.stride(0), k.stride(1), hidden.stride(0), hidden.stride(1),
-        1.0 / math.sqrt(d), math.log2(rope_base), tune_bucket(length))
+        q=q, k=k, h=hidden, mask=mask, pos=pos, qcol=qcol, w=w, gs=g_s, gz=gz, dq=dq, dk=dk,
+        dh=dh, L=length, D=d, HALF=d // 2, stride_kb=k.stride(0), stride_kl=k.stride(1),
+        stride_hb=hidden.stride(0), stride_hl=hidden.stride(1), sm_scale=1.0 / math.sqrt(d),
+        log2_base=math.log2(rope_base), L_BUCKET=tune_bucket(length))
     return dq, dk, dh
 
 
@@ -187,18 +189,20 @@ class _LatentAttentionFn(torch.autograd.Function):
         ctx.sigma = sigma
         ctx.rope_base = rope_base
         ctx.noise_dtype = None if noise is None else noise.dtype
-        ctx.weight_dtypes = tuple(t.dtype for t in (q_weight, q_bias, k_weight, k_bias,
-                                                    v_weight, v_bias))
+        # gradients come back in each parameter's dtype (the weights' are saved)
+        ctx.q_bias_dtype, ctx.k_bias_dtype = q_bias.dtype, k_bias.dtype
+        ctx.v_bias_dtype = v_bias.dtype
         return out if ctx.expanded else out.view(b, d)
 
     @staticmethod
     def backward(ctx, grad_out):
         (hidden, mask_i, pos, qcol, q, k, w, s,
          q_weight, k_weight, v_weight) = ctx.saved_tensors
-        need = ctx.needs_input_grad
+        (need_hidden, _, need_noise, _, _, _, _, need_q_weight, need_q_bias, need_k_weight,
+         need_k_bias, need_v_weight, need_v_bias) = ctx.needs_input_grad
         g = grad_out.float()
         g_r = g.sum(1) if ctx.expanded else g  # [B, d]
-        grad_noise = (ctx.sigma * g).to(ctx.noise_dtype) if ctx.has_noise and need[2] else None
+        grad_noise = (ctx.sigma * g).to(ctx.noise_dtype) if ctx.has_noise and need_noise else None
         g_s = (g_r @ v_weight.float()).contiguous()
         dq, dk, dh = _latent_attention_bwd(g_s, hidden, mask_i, pos, qcol, q, k, w,
                                            ctx.rope_base)
@@ -207,23 +211,32 @@ class _LatentAttentionFn(torch.autograd.Function):
         # padding rows never reach the result; zero them so their content cannot leak
         x = hidden.float().masked_fill(mask_i[..., None] == 0, 0.)
         x_last = x[rows, qcol.long()]
-        grads = [None] * 13
-        if need[0]:
-            grad_h = dh + dk @ k_weight.float()
-            grad_h[rows, qcol.long()] += dq @ q_weight.float()
-            grads[0] = grad_h.to(hidden.dtype)
-        grads[2] = grad_noise
+        grad_hidden = None
+        if need_hidden:
+            grad_hidden = dh + dk @ k_weight.float()
+            grad_hidden[rows, qcol.long()] += dq @ q_weight.float()
+            grad_hidden = grad_hidden.to(hidden.dtype)
         flat_dk = dk.reshape(b * length, d)
-        for i, fn in ((7, lambda: dq.T @ x_last), (8, lambda: dq.sum(0)),
-                      (9, lambda: flat_dk.T @ x.reshape(b * length, d)),
-                      (10, lambda: flat_dk.sum(0)), (11, lambda: g_r.T @ s),
-                      (12, lambda: g_r.sum(0))):
-            if need[i]:
-                grads[i] = fn()
-        for i, dtype in enumerate(ctx.weight_dtypes, start=7):
-            if grads[i] is not None:
-                grads[i] = grads[i].to(dtype)
-        return tuple(grads)
+        grad_q_weight = (dq.T @ x_last).to(q_weight.dtype) if need_q_weight else None
+        grad_q_bias = dq.sum(0).to(ctx.q_bias_dtype) if need_q_bias else None
+        grad_k_weight = ((flat_dk.T @ x.reshape(b * length, d)).to(k_weight.dtype)
+                         if need_k_weight else None)
+        grad_k_bias = flat_dk.sum(0).to(ctx.k_bias_dtype) if need_k_bias else None
+        grad_v_weight = (g_r.T @ s).to(v_weight.dtype) if need_v_weight else None
+        grad_v_bias = g_r.sum(0).to(ctx.v_bias_dtype) if need_v_bias else None
+        return (grad_hidden,    # hidden
+                None,           # mask
+                grad_noise,     # noise
+                None,           # sigma
+                None,           # rope_base
+                None,           # seed
+                None,           # num_samples
+                grad_q_weight,  # q_weight
+                grad_q_bias,    # q_bias
+                grad_k_weight,  # k_weight
+                grad_k_bias,    # k_bias
+                grad_v_weight,  # v_weight
+                grad_v_bias)    # v_bias
 
 
 def latent_attention(hidden: torch.Tensor, mask: torch.Tensor,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from fastlatent.ops._backend import checks_values
+
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Position ids 0..n-1 over the real tokens of each row (padding gets 0)."""
@@ -13,8 +15,10 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def last_real_index(mask: torch.Tensor) -> torch.Tensor:
-    """Column of the last real token in each row of a [B, L] mask (any padding)."""
-    if not bool((mask.sum(-1) > 0).all()):
+    """Column of the last real token in each row of a [B, L] mask (any padding). Every
+    row needs a real token (checked where ``checks_values`` says: a GPU mask only with
+    FASTLATENT_DEBUG_CHECKS=1; an unchecked all-padding row gets -1)."""
+    if checks_values(mask) and not bool((mask.sum(-1) > 0).all()):
         raise ValueError("every prompt needs at least one real token (mask row is all zero)")
     cols = torch.arange(mask.shape[-1], device=mask.device)
     return torch.where(mask.bool(), cols, -1).amax(-1)

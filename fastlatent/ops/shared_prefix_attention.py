@@ -156,15 +156,22 @@ def shared_prefix_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-
-
-
 def _block_d(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())  # tl.dot needs every dimension >= 16
 
 
-def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
-    return x.stride(0), x.stride(1), x.stride(2)
+def _query_side_strides(q, k, v, prefix_k, prefix_v, common_k, common_v, o
+                        ) -> dict[str, int]:
+    """The stride arguments of the forward and dq kernels, by kernel parameter name:
+    ``stride_<tensor><dim>`` for dims 0-2 of q, k, v, the prompt keys/values and ``o``
+    (the output, or ``do``, which has its layout); dims 1-2 of the common keys/values
+    (their dim 0 is 1)."""
+    full = {"q": q, "k": k, "v": v, "pk": prefix_k, "pv": prefix_v, "o": o}
+    strides = {f"stride_{name}{dim}": x.stride(dim) for name, x in full.items()
+               for dim in (0, 1, 2)}
+    strides.update({f"stride_{name}{dim}": x.stride(dim)
+                    for name, x in (("ck", common_k), ("cv", common_v)) for dim in (1, 2)})
+    return strides
 
 
 def _common_or_empty(common_k, common_v, prefix_k, prefix_v):
@@ -197,22 +204,48 @@ def _shared_prefix_attention_fwd(q, k, v, valid, prefix_k, prefix_v, prefix_ok, 
         return (g, hkv, _cdiv(m, meta["BLOCK_M"]))
 
     kern._shared_prefix_attention_fwd_kernel[grid](
-        q, k, v, valid, prefix_k, prefix_v, prefix_ok, common_k, common_v, common_ok, out,
-        lse, scale, rows_per_group, n_rep, t, s, length, c, d, m,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(prefix_k),
-        *_strides3(prefix_v), *_strides3(common_k)[1:], *_strides3(common_v)[1:],
-        *_strides3(out), tune_bucket(m), **dot_args(q.dtype), BLOCK_D=_block_d(d))
+        q=q, k=k, v=v, sv=valid, pk=prefix_k, pv=prefix_v, pm=prefix_ok,
+        ck=common_k, cv=common_v, cm=common_ok, o=out, lse=lse, scale=scale,
+        P=rows_per_group, NREP=n_rep, T=t, S=s, L=length, C=c, D=d, M=m,
+        **_query_side_strides(q, k, v, prefix_k, prefix_v, common_k, common_v, out),
+        M_BUCKET=tune_bucket(m), **dot_args(q.dtype), BLOCK_D=_block_d(d))
     return out, lse
 
 
-def _dkdv(q, do, lse, delta, keys, values, ok, groups: int, rows_per_group: int,
-          key_rows: int, width: int, suffix: bool, scale: float):
-    """dk, dv of one key set: ``groups`` groups of ``rows_per_group`` query rows, each
-    group with ``key_rows`` key rows of ``width`` slots."""
+def _dq(q, k, v, valid, prefix_k, prefix_v, prefix_ok, common_k, common_v, common_ok, do,
+        lse, delta, rows_per_group: int, scale: float):
+    """dq [R, H, T, D] in q's dtype, contiguous (the strides of ``do``)."""
     from fastlatent.kernels import shared_prefix_attention as kern
 
+    r, h, t, d = q.shape
+    g, hkv, length, _ = prefix_k.shape
+    s, n_rep, c = k.shape[2], h // hkv, common_k.shape[2]
+    m = rows_per_group * n_rep * t
+    dq = _alloc((r, h, t, d), q.device, q.dtype)
+
+    def grid(meta):
+        return (g, hkv, _cdiv(m, meta["BLOCK_M"]))
+
+    kern._shared_prefix_attention_bwd_dq_kernel[grid](
+        q=q, k=k, v=v, sv=valid, pk=prefix_k, pv=prefix_v, pm=prefix_ok,
+        ck=common_k, cv=common_v, cm=common_ok, do=do, lse=lse, delta=delta, dq=dq,
+        scale=scale, P=rows_per_group, NREP=n_rep, T=t, S=s, L=length, C=c, D=d, M=m,
+        **_query_side_strides(q, k, v, prefix_k, prefix_v, common_k, common_v, do),
+        M_BUCKET=tune_bucket(m), **dot_args(q.dtype), BLOCK_D=_block_d(d))
+    return dq
+
+
+def _dkdv(q, do, lse, delta, keys, values, ok, groups: int, rows_per_group: int,
+          key_rows: int, suffix: bool, scale: float):
+    """dk, dv of one key set [groups * key_rows, Hkv, width, D]: ``groups`` groups of
+    ``rows_per_group`` query rows, each group with ``key_rows`` key rows of ``width``
+    slots. Zeros without launching when the key set is empty (width 0)."""
+    from fastlatent.kernels import shared_prefix_attention as kern
+
+    if keys.shape[2] == 0:
+        return torch.zeros_like(keys), torch.zeros_like(values)
     _, h, t, d = q.shape
-    hkv = keys.shape[1]
+    hkv, width = keys.shape[1], keys.shape[2]
     n_rep = h // hkv
     m = rows_per_group * n_rep * t
     gk = _alloc(tuple(keys.shape), keys.device, keys.dtype)
@@ -222,10 +255,14 @@ def _dkdv(q, do, lse, delta, keys, values, ok, groups: int, rows_per_group: int,
         return (groups, hkv, _cdiv(key_rows * width, meta["BLOCK_N"]))
 
     kern._shared_prefix_attention_bwd_dkdv_kernel[grid](
-        q, keys, values, ok, do, lse, delta, gk, gv, scale,
-        rows_per_group, n_rep, t, width if suffix else 0, width, key_rows, d, m,
-        *_strides3(q), *_strides3(keys), *_strides3(values), *_strides3(do),
-        tune_bucket(m), tune_bucket(key_rows * width), SUFFIX=suffix,
+        q=q, k=keys, v=values, ok=ok, do=do, lse=lse, delta=delta, dk=gk, dv=gv,
+        scale=scale, P=rows_per_group, NREP=n_rep, T=t, S=width if suffix else 0, NK=width,
+        KP=key_rows, D=d, M=m,
+        stride_q0=q.stride(0), stride_q1=q.stride(1), stride_q2=q.stride(2),
+        stride_k0=keys.stride(0), stride_k1=keys.stride(1), stride_k2=keys.stride(2),
+        stride_v0=values.stride(0), stride_v1=values.stride(1), stride_v2=values.stride(2),
+        stride_o0=do.stride(0), stride_o1=do.stride(1), stride_o2=do.stride(2),
+        M_BUCKET=tune_bucket(m), KEYS_BUCKET=tune_bucket(key_rows * width), SUFFIX=suffix,
         **dot_args(q.dtype), BLOCK_D=_block_d(d))
     return gk, gv
 
@@ -234,40 +271,28 @@ def _shared_prefix_attention_bwd(grad_out, q, k, v, valid, prefix_k, prefix_v, p
                                  common_k, common_v, common_ok, out, lse,
                                  rows_per_group: int, scale: float, needs: tuple[bool, ...]):
     """Triton backward: (dq, dk, dv, dprefix_k, dprefix_v, dcommon_k, dcommon_v), None
-    where not needed (``needs``: 7 flags in that order)."""
-    from fastlatent.kernels import shared_prefix_attention as kern
-
-    r, h, t, d = q.shape
-    g, hkv, length, _ = prefix_k.shape
-    s, n_rep, c = k.shape[2], h // hkv, common_k.shape[2]
-    m = rows_per_group * n_rep * t
+    where not needed (``needs``: 7 flags in that order). A key set's dk and dv come from
+    one launch, so both are returned when either is needed."""
+    need_q, need_k, need_v, need_pk, need_pv, need_ck, need_cv = needs
+    r = q.shape[0]
+    g = prefix_k.shape[0]
     do = grad_out.contiguous()  # same layout as out (contiguous)
     delta = (do.float() * out.float()).sum(-1)  # [R, H, T] fp32
-    grads = [None] * 7
-    if needs[0]:
-        grads[0] = _alloc((r, h, t, d), q.device, q.dtype)
-
-        def grid_q(meta):
-            return (g, hkv, _cdiv(m, meta["BLOCK_M"]))
-
-        kern._shared_prefix_attention_bwd_dq_kernel[grid_q](
-            q, k, v, valid, prefix_k, prefix_v, prefix_ok, common_k, common_v, common_ok, do,
-            lse, delta, grads[0], scale, rows_per_group, n_rep, t, s, length, c, d, m,
-            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(prefix_k),
-            *_strides3(prefix_v), *_strides3(common_k)[1:], *_strides3(common_v)[1:],
-            *_strides3(do), tune_bucket(m), **dot_args(q.dtype),
-            BLOCK_D=_block_d(d))
-    key_sets = (  # (first grad index, keys, values, ok, groups, rows per group, key rows, suffix)
-        (1, k, v, valid, g, rows_per_group, rows_per_group, True),
-        (3, prefix_k, prefix_v, prefix_ok, g, rows_per_group, 1, False),
-        (5, common_k, common_v, common_ok, 1, r, 1, False))
-    for i, keys, values, ok, groups, rows, key_rows, suffix in key_sets:
-        if (needs[i] or needs[i + 1]) and keys.shape[2] > 0:
-            grads[i:i + 2] = _dkdv(q, do, lse, delta, keys, values, ok, groups, rows,
-                                   key_rows, keys.shape[2], suffix, scale)
-        elif needs[i] or needs[i + 1]:
-            grads[i:i + 2] = torch.zeros_like(keys), torch.zeros_like(values)
-    return tuple(grads)
+    dq = dk = dv = dpk = dpv = dck = dcv = None
+    if need_q:
+        dq = _dq(q, k, v, valid, prefix_k, prefix_v, prefix_ok, common_k, common_v,
+                 common_ok, do, lse, delta, rows_per_group, scale)
+    if need_k or need_v:  # suffix keys: each group's rows, one key row per query row
+        dk, dv = _dkdv(q, do, lse, delta, k, v, valid, groups=g,
+                       rows_per_group=rows_per_group, key_rows=rows_per_group, suffix=True,
+                       scale=scale)
+    if need_pk or need_pv:  # prompt keys: one key row per group
+        dpk, dpv = _dkdv(q, do, lse, delta, prefix_k, prefix_v, prefix_ok, groups=g,
+                         rows_per_group=rows_per_group, key_rows=1, suffix=False, scale=scale)
+    if need_ck or need_cv:  # common keys: one group of all R rows, one key row
+        dck, dcv = _dkdv(q, do, lse, delta, common_k, common_v, common_ok, groups=1,
+                         rows_per_group=r, key_rows=1, suffix=False, scale=scale)
+    return dq, dk, dv, dpk, dpv, dck, dcv
 
 
 class _SharedPrefixAttentionFn(torch.autograd.Function):
@@ -276,7 +301,6 @@ class _SharedPrefixAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, suffix_valid, prefix_k, prefix_v, prefix_mask, common_k,
                 common_v, rows_per_group: int, scale: float):
-        has_common = common_k is not None
         common_k, common_v, common_ok = _common_or_empty(common_k, common_v, prefix_k, prefix_v)
         q, k, v, prefix_k, prefix_v, common_k, common_v = map(
             _unit_inner, (q, k, v, prefix_k, prefix_v, common_k, common_v))
@@ -293,24 +317,37 @@ class _SharedPrefixAttentionFn(torch.autograd.Function):
                                                     rows_per_group, scale)
         ctx.save_for_backward(q, k, v, valid, prefix_k, prefix_v, prefix_ok, common_k,
                               common_v, common_ok, out, lse)
-        ctx.rows_per_group, ctx.scale, ctx.has_common = rows_per_group, scale, has_common
+        ctx.rows_per_group, ctx.scale = rows_per_group, scale
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        saved = ctx.saved_tensors
-        inputs = [saved[i] for i in (0, 1, 2, 4, 5, 7, 8)]  # q k v prefix_k/v common_k/v
-        needs = tuple(ctx.needs_input_grad[i] for i in (0, 1, 2, 4, 5, 7, 8))
-        needs = needs[:5] + ((needs[5], needs[6]) if ctx.has_common else (False, False))
-        if inputs[0].numel() == 0:
-            grads = [torch.zeros_like(x) if need else None
-                     for x, need in zip(inputs, needs, strict=True)]
+        (q, k, v, valid, prefix_k, prefix_v, prefix_ok, common_k, common_v, common_ok,
+         out, lse) = ctx.saved_tensors
+        # common_k / common_v given as None never need a gradient
+        (need_q, need_k, need_v, _, need_pk, need_pv, _, need_ck, need_cv, _,
+         _) = ctx.needs_input_grad
+        needs = (need_q, need_k, need_v, need_pk, need_pv, need_ck, need_cv)
+        if q.numel() == 0:
+            grads = tuple(torch.zeros_like(x) if need else None for x, need in zip(
+                (q, k, v, prefix_k, prefix_v, common_k, common_v), needs, strict=True))
         else:
-            grads = _shared_prefix_attention_bwd(grad_out, *saved, ctx.rows_per_group,
-                                                 ctx.scale, needs)
+            grads = _shared_prefix_attention_bwd(
+                grad_out, q, k, v, valid, prefix_k, prefix_v, prefix_ok, common_k, common_v,
+                common_ok, out, lse, ctx.rows_per_group, ctx.scale, needs)
         dq, dk, dv, dpk, dpv, dck, dcv = (gr if need else None
                                           for gr, need in zip(grads, needs, strict=True))
-        return dq, dk, dv, None, dpk, dpv, None, dck, dcv, None, None
+        return (dq,    # q
+                dk,    # k
+                dv,    # v
+                None,  # suffix_valid
+                dpk,   # prefix_k
+                dpv,   # prefix_v
+                None,  # prefix_mask
+                dck,   # common_k
+                dcv,   # common_v
+                None,  # rows_per_group
+                None)  # scale
 
 
 def shared_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -13,7 +13,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 from fastlatent.kernels.rounding import dot_operand  # noqa: E402
 
-from fastlatent.testing.triton_checks import DEVICE, INTERPRETING, needs_triton  # noqa: E402
+from fastlatent.testing.op_checks import DEVICE, INTERPRETING, needs_triton  # noqa: E402
 
 pytestmark = needs_triton
 

@@ -1,10 +1,6 @@
-"""Fused log-prob head, Triton path, against the torch path and the float64 oracle.
-
-Without CUDA the kernels run under Triton's interpreter (conftest sets TRITON_INTERPRET=1)
-on tiny shapes; with CUDA the same tests run compiled, plus the real-size bf16 test.
-Every Triton buffer is NaN-poisoned (``poisoned`` fixture), so an element a kernel fails
-to write shows up as NaN.
-"""
+"""Fused log-prob head: the torch path and the Triton path (``triton_path``: interpreter
+on the CPU, NaN-poisoned buffers), against each other and the float64 full-logits oracle;
+on CUDA also the SmolLM2-size bf16 head."""
 
 from __future__ import annotations
 
@@ -15,64 +11,111 @@ import pytest
 import torch
 
 from fastlatent.ops.fused_logprob import _FusedLogprobFn, fused_logprob, fused_logprob_torch
-from fastlatent.testing.logprob import naive_fused_logprob
+from fastlatent.testing.naive import naive_fused_logprob
+from fastlatent.testing.op_checks import (
+    DEVICE,
+    TOL,
+    NoLaunch,
+    assert_within_twice_torch,
+    backend_cases,
+    poisoning,
+    set_backend_env,
+    spy_on,
+    triton_path,
+)
+from fastlatent.testing.op_checks import fused_logprob_inputs as make_inputs
 
+OP = "fused_logprob"
 # the module, not the function that fastlatent.ops re-exports under the same name
 fl = importlib.import_module("fastlatent.ops.fused_logprob")
-
-triton = pytest.importorskip("triton")
-
-from fastlatent.testing.triton_checks import (  # noqa: E402
-    DEVICE,
-    backend_cases,
-    needs_triton,
-    poison_allocations,
-    set_backend_env,
-    skip_unless_runtime_loops,
-    spy_on,
-)
-
-pytestmark = needs_triton
-
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
-       torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
-# Error floor (relative to the oracle's largest magnitude) added to the 2x-the-torch-path
-# bound: the two paths sum in different orders, so in fp32 both sit at ~1e-7.
-FLOOR = {torch.float32: 1e-6, torch.float16: 2 ** -12, torch.bfloat16: 2 ** -9}
+poisoned = poisoning(fl)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def interpreter_runs_runtime_loops():
-    skip_unless_runtime_loops()
+# ---- torch path ---------------------------------------------------------------------------
+
+TORCH_CASES = [(1, 59, 1001, 256), (13, 16, 1001, 1001), (7, 8, 33, 5), (20, 32, 300, 64)]
 
 
-@pytest.fixture(autouse=True)
-def poisoned(monkeypatch):
-    """Every buffer the Triton path allocates starts as NaN; returns the list of them."""
-    return poison_allocations(monkeypatch, fl)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("n,d,v,tile", TORCH_CASES,
+                         ids=[f"N{n}-D{d}-V{v}-tile{tile}" for n, d, v, tile in TORCH_CASES])
+def test_forward_and_gradients_match_oracle(n, d, v, tile, dtype):
+    hidden, weight, targets = make_inputs(n, d, v, dtype, ignore_every=3 if n > 2 else 0,
+                                          weight_scale=1.0, device="cpu")
+    ref_h = hidden.double().requires_grad_()
+    ref_w = weight.double().requires_grad_()
+    tri_h = hidden.clone().requires_grad_()
+    tri_w = weight.clone().requires_grad_()
+    ref = naive_fused_logprob(ref_h, ref_w, targets)
+    out = fused_logprob(tri_h, tri_w, targets, vocab_tile=tile)
+    assert out.dtype == torch.float32 and out.shape == (n,)
+    tol = TOL[OP][dtype]
+    torch.testing.assert_close(out.double(), ref, **tol)
+    assert bool((out[targets == -100] == 0).all())
+    upstream = torch.randn(n, dtype=torch.float64)
+    ref_gh, ref_gw = torch.autograd.grad(ref, (ref_h, ref_w), upstream)
+    tri_gh, tri_gw = torch.autograd.grad(out, (tri_h, tri_w), upstream.float())
+    assert tri_gh.dtype == dtype and tri_gw.dtype == dtype
+    torch.testing.assert_close(tri_gh.double(), ref_gh, **tol)
+    torch.testing.assert_close(tri_gw.double(), ref_gw, **tol)
+    assert bool((tri_gh[targets == -100] == 0).all())  # ignored rows get no gradient
 
 
-def make_inputs(n, d, v, dtype, seed=0, ignore_every=0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, d, generator=g).to(dtype)
-    weight = (torch.randn(v, d, generator=g) * 2 / d ** 0.5).to(dtype)  # logits ~ N(0, 4)
-    targets = torch.randint(0, v, (n,), generator=g)
-    if ignore_every:
-        targets[::ignore_every] = -100
-    return hidden.to(DEVICE), weight.to(DEVICE), targets.to(DEVICE)
+def test_only_requested_gradients_are_computed():
+    hidden, weight, targets = make_inputs(4, 8, 50, torch.float32, weight_scale=1.0,
+                                          device="cpu")
+    hidden.requires_grad_()
+    out = fused_logprob(hidden, weight, targets, vocab_tile=16)
+    (grad,) = torch.autograd.grad(out.sum(), hidden)
+    assert weight.grad is None and grad.shape == hidden.shape
 
 
-def max_err(x, ref):
-    return (x.double() - ref).abs().max().item()
+def test_bad_inputs_raise():
+    hidden, weight, targets = make_inputs(4, 8, 50, torch.float32, weight_scale=1.0,
+                                          device="cpu")
+    with pytest.raises(ValueError, match="weight"):
+        fused_logprob(hidden, weight[:, :7], targets)
+    with pytest.raises(ValueError, match="int64"):
+        fused_logprob(hidden, weight, targets.int())
+    with pytest.raises(ValueError, match="targets in"):
+        fused_logprob(hidden, weight, torch.tensor([0, 1, 50, 2]))
+    with pytest.raises(ValueError, match="floating"):
+        fused_logprob(hidden.long(), weight, targets)
 
 
-def assert_within_twice_torch(tri, tor, oracle, dtype, what):
-    """Triton's error against the oracle is at most 2x the torch path's (plus a floor)."""
-    scale = max(oracle.abs().max().item(), 1.0)
-    tri_err, tor_err = max_err(tri, oracle), max_err(tor, oracle)
-    bound = 2 * tor_err + FLOOR[dtype] * scale
-    assert tri_err <= bound, f"{what}: triton err {tri_err:.3g} > {bound:.3g} (torch {tor_err:.3g})"
+def test_padded_target_positions_never_reach_the_head(monkeypatch):
+    """head_logprobs sends only real target positions through the fused head, and equals
+    full log-softmax at them (0 at padding), gradients included."""
+    import fastlatent.engine.scoring as scoring
 
+    seen = []
+    real_head = scoring.fused_logprob
+
+    def counting(hidden, weight, targets, **kwargs):
+        seen.append(hidden.shape[0])
+        return real_head(hidden, weight, targets, **kwargs)
+
+    monkeypatch.setattr(scoring, "fused_logprob", counting)
+    g = torch.Generator().manual_seed(5)
+    rows, t, d, v = 4, 6, 16, 37
+    hidden = torch.randn(rows, t, d, generator=g, requires_grad=True)
+    weight = torch.randn(v, d, generator=g)
+    targets = torch.randint(0, v, (rows, t), generator=g)
+    mask = torch.zeros(rows, t, dtype=torch.long)
+    for r, n in enumerate([6, 1, 3, 0]):
+        mask[r, :n] = 1
+    targets[mask == 0] = -100  # padding may hold anything
+    logp = scoring.head_logprobs(hidden, targets, mask, weight)
+    assert seen == [int(mask.sum())]
+    full = torch.log_softmax(hidden.detach() @ weight.T, -1)
+    expected = full.gather(-1, targets.clamp_min(0)[..., None])[..., 0] * mask
+    torch.testing.assert_close(logp, expected, rtol=1e-5, atol=1e-5)
+    assert bool((logp[mask == 0] == 0).all())
+    logp.sum().backward()
+    assert bool((hidden.grad[mask == 0] == 0).all()) and hidden.grad[mask == 1].abs().sum() > 0
+
+
+# ---- Triton path --------------------------------------------------------------------------
 
 def run_triton(hidden, weight, targets, splits):
     if splits is None:
@@ -98,6 +141,7 @@ CASES = [  # id, N, D, V, vocabulary splits (None: the launcher's choice), ignor
 ]
 
 
+@triton_path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("n,d,v,splits,ignore_every,rows", [c[1:] for c in CASES],
                          ids=[c[0] for c in CASES])
@@ -113,8 +157,8 @@ def test_matches_torch_and_oracle(n, d, v, splits, ignore_every, rows, dtype, po
     tri = run_triton(tri_h, tri_w, targets, splits)
 
     assert tri.dtype == torch.float32 and tri.shape == (n,)
-    torch.testing.assert_close(tri.double(), ref, **TOL[dtype])
-    assert_within_twice_torch(tri, tor, ref, dtype, "logp")
+    torch.testing.assert_close(tri.double(), ref, **TOL[OP][dtype])
+    assert_within_twice_torch(tri, tor, ref, dtype, "logp", op=OP)
     ignored = targets == -100
     assert bool((tri[ignored] == 0).all())
 
@@ -124,10 +168,10 @@ def test_matches_torch_and_oracle(n, d, v, splits, ignore_every, rows, dtype, po
     tor_gh, tor_gw = torch.autograd.grad(tor, (tor_h, tor_w), upstream.float())
     tri_gh, tri_gw = torch.autograd.grad(tri, (tri_h, tri_w), upstream.float())
     assert tri_gh.dtype == dtype and tri_gw.dtype == dtype
-    torch.testing.assert_close(tri_gh.double(), ref_gh, **TOL[dtype])
-    torch.testing.assert_close(tri_gw.double(), ref_gw, **TOL[dtype])
-    assert_within_twice_torch(tri_gh, tor_gh, ref_gh, dtype, "grad_hidden")
-    assert_within_twice_torch(tri_gw, tor_gw, ref_gw, dtype, "grad_weight")
+    torch.testing.assert_close(tri_gh.double(), ref_gh, **TOL[OP][dtype])
+    torch.testing.assert_close(tri_gw.double(), ref_gw, **TOL[OP][dtype])
+    assert_within_twice_torch(tri_gh, tor_gh, ref_gh, dtype, "grad_hidden", op=OP)
+    assert_within_twice_torch(tri_gw, tor_gw, ref_gw, dtype, "grad_weight", op=OP)
     assert bool((tri_gh[ignored] == 0).all())  # ignored rows get no gradient
     # logp, lse, the partials and one coefficient buffer per chunk of rows: all written in
     # full (an empty split's running max is -inf by design, so the check is for NaN)
@@ -136,6 +180,7 @@ def test_matches_torch_and_oracle(n, d, v, splits, ignore_every, rows, dtype, po
     assert not any(bool(torch.isnan(b).any()) for b in poisoned)
 
 
+@triton_path
 def test_bf16_coefficients_under_the_interpreter(monkeypatch):
     """bf16 inputs: the coefficients are stored in bf16 and the GEMMs run in bf16; the
     gradients stay within twice the torch path's error (fp32 throughout, rounded at the
@@ -155,9 +200,10 @@ def test_bf16_coefficients_under_the_interpreter(monkeypatch):
                               (tri_h, tri_w), upstream.float().to(DEVICE))
     for name, r, o, t in zip(("grad_hidden", "grad_weight"), ref, tor, tri, strict=True):
         assert t.dtype == dtype
-        assert_within_twice_torch(t, o, r, dtype, name)
+        assert_within_twice_torch(t, o, r, dtype, name, op=OP)
 
 
+@triton_path
 def test_strided_inputs_and_expanded_upstream():
     """A weight with row stride > D goes to the kernel as is; a hidden with inner stride 2
     is copied; out.sum()'s upstream gradient is an expanded (stride-0) tensor."""
@@ -170,13 +216,14 @@ def test_strided_inputs_and_expanded_upstream():
     ref_h, ref_w = hidden.double().requires_grad_(), weight.double().requires_grad_()
     tri = fused_logprob(tri_h, tri_w, targets, backend="triton")
     ref = naive_fused_logprob(ref_h, ref_w, targets)
-    torch.testing.assert_close(tri.double(), ref, **TOL[torch.float32])
+    torch.testing.assert_close(tri.double(), ref, **TOL[OP][torch.float32])
     tri_gh, tri_gw = torch.autograd.grad(tri.sum(), (tri_h, tri_w))
     ref_gh, ref_gw = torch.autograd.grad(ref.sum(), (ref_h, ref_w))
-    torch.testing.assert_close(tri_gh.double(), ref_gh, **TOL[torch.float32])
-    torch.testing.assert_close(tri_gw.double(), ref_gw, **TOL[torch.float32])
+    torch.testing.assert_close(tri_gh.double(), ref_gh, **TOL[OP][torch.float32])
+    torch.testing.assert_close(tri_gw.double(), ref_gw, **TOL[OP][torch.float32])
 
 
+@triton_path
 def test_frozen_weight_skips_grad_weight_gemm(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("grad weight computed")
@@ -188,7 +235,7 @@ def test_frozen_weight_skips_grad_weight_gemm(monkeypatch):
     tri = fused_logprob(tri_h, weight, targets, backend="triton")
     (tri_gh,) = torch.autograd.grad(tri.sum(), tri_h)
     (ref_gh,) = torch.autograd.grad(naive_fused_logprob(ref_h, weight, targets).sum(), ref_h)
-    torch.testing.assert_close(tri_gh.double(), ref_gh, **TOL[torch.float32])
+    torch.testing.assert_close(tri_gh.double(), ref_gh, **TOL[OP][torch.float32])
     # ...and the stub does refuse once the weight wants a gradient
     tri_w = weight.clone().requires_grad_()
     tri = fused_logprob(hidden, tri_w, targets, backend="triton")
@@ -196,6 +243,7 @@ def test_frozen_weight_skips_grad_weight_gemm(monkeypatch):
         torch.autograd.grad(tri.sum(), tri_w)
 
 
+@triton_path
 def test_all_rows_ignored():
     hidden, weight, targets = make_inputs(6, 16, 90, torch.float32)
     targets[:] = -100
@@ -206,23 +254,18 @@ def test_all_rows_ignored():
     assert bool((tri_gh == 0).all()) and bool((tri_gw == 0).all())
 
 
-class _Skip:
-    """Stands in for a kernel launch that writes nothing."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
+@triton_path
 def test_unwritten_output_is_caught(monkeypatch):
     """The poisoning bites: without the combine kernel, logp stays NaN."""
     from fastlatent.kernels import fused_logprob as kern
 
-    monkeypatch.setattr(kern, "_fused_logprob_combine_kernel", _Skip())
+    monkeypatch.setattr(kern, "_fused_logprob_combine_kernel", NoLaunch())
     hidden, weight, targets = make_inputs(4, 8, 40, torch.float32)
     out = fused_logprob(hidden, weight, targets, backend="triton")
     assert bool(torch.isnan(out).all())
 
 
+@triton_path
 @backend_cases
 def test_backend_selection(monkeypatch, env, override, expect_triton):
     set_backend_env(monkeypatch, env)
@@ -231,9 +274,10 @@ def test_backend_selection(monkeypatch, env, override, expect_triton):
     out = fused_logprob(hidden, weight, targets, backend=override)
     assert bool(calls) == expect_triton
     torch.testing.assert_close(out.double(), naive_fused_logprob(hidden, weight, targets),
-                               **TOL[torch.float32])
+                               **TOL[OP][torch.float32])
 
 
+@triton_path
 def test_unsupported_dtype_and_plain_cpu_fall_back_to_torch(monkeypatch):
     calls = []
     monkeypatch.setattr(fl, "_fused_logprob_fwd", lambda *a, **k: calls.append(1))
@@ -245,6 +289,7 @@ def test_unsupported_dtype_and_plain_cpu_fall_back_to_torch(monkeypatch):
     assert not calls
 
 
+@triton_path
 @pytest.mark.gpu
 @pytest.mark.parametrize("train_head", [False, True], ids=["rl-frozen-head", "sft-head"])
 def test_smollm2_head_bf16(train_head):
@@ -258,7 +303,7 @@ def test_smollm2_head_bf16(train_head):
     ref = naive_fused_logprob(ref_h, ref_w, targets)
     tor = fused_logprob(tor_h, tor_w, targets, backend="torch")
     tri = fused_logprob(tri_h, tri_w, targets, backend="triton")
-    assert_within_twice_torch(tri, tor, ref, dtype, "logp")
+    assert_within_twice_torch(tri, tor, ref, dtype, "logp", op=OP)
     assert bool((tri[targets == -100] == 0).all())
     upstream = torch.randn(n, dtype=torch.float64, device=DEVICE)
     wrt = (0, 1) if train_head else (0,)
@@ -268,5 +313,17 @@ def test_smollm2_head_bf16(train_head):
     names = ("grad_hidden", "grad_weight")[:len(wrt)]
     for name, r, o, t in zip(names, ref_g, tor_g, tri_g, strict=True):
         assert t.dtype == dtype and bool(torch.isfinite(t).all())
-        assert_within_twice_torch(t, o, r, dtype, name)
+        assert_within_twice_torch(t, o, r, dtype, name, op=OP)
     assert math.isfinite(tri.sum().item())
+
+
+def test_value_checks_run_on_cpu_tensors_and_on_others_only_when_asked(monkeypatch):
+    """Reading a GPU tensor's values is a host sync: only with FASTLATENT_DEBUG_CHECKS=1
+    (meta tensors stand in for a device without data)."""
+    from fastlatent.ops._backend import DEBUG_CHECKS_ENV_VAR, checks_values
+
+    cpu, meta = torch.zeros(2), torch.empty(2, device="meta")
+    monkeypatch.delenv(DEBUG_CHECKS_ENV_VAR, raising=False)
+    assert checks_values(cpu) and not checks_values(meta) and not checks_values(cpu, meta)
+    monkeypatch.setenv(DEBUG_CHECKS_ENV_VAR, "1")
+    assert checks_values(meta) and checks_values(cpu, meta)
