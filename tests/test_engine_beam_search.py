@@ -8,19 +8,23 @@ varied title lengths and more titles than beams, and a trie with fewer titles th
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 from fastlatent.data.batch import collate
 from fastlatent.data.prompt import PromptBuilder
-from fastlatent.data.trie import TitleTrie
+from fastlatent.data.trie import TitleTrie, TrieTensors
+from fastlatent.engine import beam_rules
 from fastlatent.engine import beam_search as engine_module
 from fastlatent.engine.beam_search import engine_beam_search
 from fastlatent.engine.decoder import Decoder
 from fastlatent.evaluate import build_title_trie
-from fastlatent.testing.beam_search import naive_beam_search
+from fastlatent.testing.beam_search import (
+    assert_same_hypotheses,
+    check_against_naive,
+    naive,
+    random_trie,
+)
 
 LATENTS = ["ratt", "none"]
 LENGTH_PENALTIES = pytest.mark.parametrize("length_penalty", [1.0, 0.0],
@@ -67,43 +71,6 @@ def prompts(builder, dataset, first: int, count: int):
     if len(set(batch.prompt_mask.sum(-1).tolist())) < 2:
         raise RuntimeError("expected ragged prompt lengths")
     return batch.prompt_ids, batch.prompt_mask
-
-
-def naive(reasoner, ids, mask, trie, **kwargs):
-    with torch.no_grad():
-        embeds = reasoner.prompt_embeds(ids, mask)
-        return naive_beam_search(reasoner.llm, embeds, mask, trie,
-                                 eos_token_id=reasoner.tokenizer.eos_token_id,
-                                 pad_token_id=reasoner.tokenizer.pad_token_id, **kwargs)
-
-
-def assert_same_hypotheses(got, expected):
-    assert len(got) == len(expected)
-    for got_row, expected_row in zip(got, expected, strict=True):
-        assert [h.token_ids for h in got_row] == [h.token_ids for h in expected_row]
-        assert [h.score for h in got_row] == pytest.approx(
-            [h.score for h in expected_row], abs=1e-4)
-
-
-def check_against_naive(reasoner, ids, mask, trie, **kwargs):
-    """Engine == oracle; returns the oracle's result (for non-vacuity checks)."""
-    expected = naive(reasoner, ids, mask, trie, **kwargs)
-    assert_same_hypotheses(engine_beam_search(reasoner, ids, mask, trie, **kwargs), expected)
-    return expected
-
-
-def random_trie(eos: int, seed: int, num_titles: int = 40) -> TitleTrie:
-    """Titles of 1..5 tokens (plus EOS) over a few shared first tokens; some titles are
-    prefixes of others."""
-    rng = random.Random(seed)
-    heads = [rng.randrange(3, 300) for _ in range(4)]
-    titles: set[tuple[int, ...]] = set()
-    while len(titles) < num_titles:
-        body = [rng.choice(heads)] + [rng.randrange(3, 300) for _ in range(rng.randint(0, 4))]
-        titles.add((*body, eos))
-        if len(body) > 1 and rng.random() < 0.3:
-            titles.add((*body[:-1], eos))
-    return TitleTrie.from_sequences(sorted(titles), eos_token_id=eos)
 
 
 @pytest.fixture(scope="module")
@@ -199,12 +166,12 @@ def test_comparison_detects_missing_filler_beams(reasoner, builder, catalogue_tr
     expected = naive(reasoner, ids, mask, catalogue_trie, **kwargs)
 
     def start_all_at_zero(users, beams, steps, device):
-        return engine_module.LiveBeams(
+        return beam_rules.LiveBeams(
             torch.zeros(users, beams, device=device),
             torch.zeros(users, beams, dtype=torch.int64, device=device),
             torch.zeros(users, beams, steps, dtype=torch.int64, device=device))
 
-    monkeypatch.setattr(engine_module.LiveBeams, "start", start_all_at_zero)
+    monkeypatch.setattr(beam_rules.LiveBeams, "start", start_all_at_zero)
     wrong = engine_beam_search(reasoner, ids, mask, catalogue_trie, **kwargs)
     with pytest.raises(AssertionError):
         assert_same_hypotheses(wrong, expected)
@@ -217,12 +184,12 @@ def engine_calls(monkeypatch):
     prompts' own tokens (over their common start) is recorded under "own"."""
     calls: dict[str, list] = {"prefix": [], "suffix": [], "own": [], "steps": []}
     original_prefix, original_suffix = Decoder.prefix, Decoder.suffix
-    original_candidates = engine_module._top_candidates
+    original_advance = engine_module.advance
     inside = []
 
-    def candidates(live, logp, trie_t, step, last_step):  # once per search step
+    def advance(state, logp, trie_t, step, last_step, length_penalty):  # once per step
         calls["steps"].append(step)
-        return original_candidates(live, logp, trie_t, step, last_step)
+        return original_advance(state, logp, trie_t, step, last_step, length_penalty)
 
     def prefix(self, input_ids=None, attention_mask=None, **kwargs):
         calls["prefix"].append(input_ids.shape[0])
@@ -238,7 +205,7 @@ def engine_calls(monkeypatch):
 
     monkeypatch.setattr(Decoder, "prefix", prefix)
     monkeypatch.setattr(Decoder, "suffix", suffix)
-    monkeypatch.setattr(engine_module, "_top_candidates", candidates)
+    monkeypatch.setattr(engine_module, "advance", advance)
     return calls
 
 
@@ -256,11 +223,11 @@ def test_each_prompt_is_encoded_once(reasoner, builder, catalogue_trie, syntheti
     # Inside it, the 5 prompts' own tokens as one group over their common start; then one
     # token per beam row and step, the 4 beams of each user grouped on its prompt.
     assert [(rows, group) for rows, _, group in engine_calls["own"]] == [(5, 5)]
-    # Then the beam rows, each user's beams grouped on its prompt. Only real beams of open
-    # searches run: with a latent, one row per user at the first step (the other beams are
-    # HF's -1e9 fillers); never more than the 4 beams of the 5 users. Where the trie
-    # forces the next tokens of every real beam, one pass feeds them all (t > 1), so
-    # there are fewer passes than search steps.
+    # Then the beam rows, each user's beams grouped on its prompt. Only the active beams
+    # run (open searches, no fillers): with a latent, one row per user at the first step
+    # (the other beams are HF's -1e9 fillers); never more than the 4 beams of the 5 users.
+    # Where the trie forces the next tokens of every active beam, one pass feeds them all
+    # (t > 1), so there are fewer passes than search steps.
     runs = engine_calls["suffix"]
     assert runs and all(rows % group == 0 and rows // group <= 5 and group <= 4
                         for rows, _, group in runs)
@@ -337,12 +304,12 @@ def test_rejects_prompts_without_the_thought_token(synthetic_dataset):
 
 
 def test_forced_tokens_follow_single_child_runs():
-    """Rows advance together while every real row has one non-EOS child (or has reached a
-    title's end); a branching real row stops the run, a non-real one does not."""
+    """Rows advance together while every active row has one non-EOS child (or has reached
+    a title's end); a branching active row stops the run, an inactive one does not."""
     eos = 2
     trie = TitleTrie.from_sequences([(5, 6, 7, 11, eos), (5, 6, 8, eos), (9, 10, eos)],
                                     eos_token_id=eos)
-    trie_t = engine_module.TrieTensors.from_trie(trie, 64, torch.device("cpu"))
+    trie_t = TrieTensors.from_trie(trie, 64, torch.device("cpu"))
 
     def node(path):
         current = torch.tensor([0])
@@ -351,9 +318,10 @@ def test_forced_tokens_follow_single_child_runs():
             current = exp.nodes[exp.tokens == token].view(1)
         return int(current)
 
-    def forced(paths, real, limit=8):
+    def forced(paths, active, limit=8):
         nodes = torch.tensor([node(p) for p in paths])
-        return engine_module._forced_tokens(trie_t, nodes, torch.tensor(real), limit).tolist()
+        return engine_module._forced_tokens(trie_t, nodes, torch.tensor(active),
+                                            limit).tolist()
 
     assert forced([(5,)], [True]) == [[6]]  # then 6 branches into 7 / 8
     assert forced([(5, 6, 7)], [True]) == [[11]]  # then EOS only: the run ends

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from fastlatent.data.trie import ROOT, TitleTrie
+from fastlatent.data.trie import ROOT, TitleTrie, TrieTensors
 
 EOS = 2
 # "A" (7) is a full title and also the start of "A B" (7 8) and "A B C" (7 8 9).
@@ -102,6 +102,36 @@ def test_csr_agrees_with_allowed_on_every_node(trie):
             assert trie.walk(node, token) == child
             prefix_of[child] = prefix_of[node] + (token,)
     assert len(prefix_of) == trie.num_nodes
+
+
+def test_tensor_child_lookup_agrees_with_the_trie_on_every_node(trie):
+    # Every node (the last one numbered is a title's end, whose CSR slice starts past the
+    # last edge) and -1 (off the trie), in one batch.
+    trie_t = TrieTensors.from_trie(trie, vocab_size=16, device=torch.device("cpu"))
+    assert int(trie_t.offsets[-2]) == trie_t.child_tokens.numel()
+    nodes = torch.tensor([*range(trie.num_nodes), -1])
+    children = [*trie.children, {}]  # off the trie: no children
+    start, count = trie_t.children(nodes)
+    assert count.tolist() == [len(c) for c in children]
+    for n, (lo, k) in enumerate(zip(start.tolist(), count.tolist(), strict=True)):
+        assert trie_t.child_tokens[lo:lo + k].tolist() == sorted(children[n])
+        assert trie_t.child_nodes[lo:lo + k].tolist() == [children[n][t]
+                                                          for t in sorted(children[n])]
+    count, token, child = trie_t.only_child(nodes)
+    assert token.tolist() == [next(iter(c)) if len(c) == 1 else -1 for c in children]
+    assert child.tolist() == [next(iter(c.values())) if len(c) == 1 else -1
+                              for c in children]
+    exp = trie_t.expand(nodes)  # [R, C]: the children, or EOS alone leading off the trie
+    for n, c in enumerate(children):
+        valid = exp.valid[n]
+        expected = sorted(c.items()) if c else [(EOS, -1)]
+        assert list(zip(exp.tokens[n][valid].tolist(), exp.nodes[n][valid].tolist(),
+                        strict=True)) == expected
+
+
+def test_tensor_trie_rejects_tokens_outside_the_vocabulary(trie):
+    with pytest.raises(ValueError, match="below the vocabulary size 14"):
+        TrieTensors.from_trie(trie, vocab_size=14, device=torch.device("cpu"))
 
 
 def test_token_ids_from_tensors_are_normalised():

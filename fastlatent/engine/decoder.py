@@ -107,8 +107,9 @@ class PrefixCache:
 
 def common_prefix_length(input_ids: torch.Tensor, mask: torch.Tensor) -> int:
     """The number of leading real tokens that every left-padded prompt [G, L] shares, at
-    most the shortest prompt's length and L - 1 (each prompt keeps a column of its own);
-    0 for one prompt, or when a mask is not left-padded 0..0 1..1."""
+    most the shortest prompt's length and L - 1: the prompt level keeps at least one
+    column, which is padding for a prompt made of the common tokens only. 0 for one
+    prompt, or when a mask is not left-padded 0..0 1..1."""
     g, length = input_ids.shape
     if g < 2 or length < 2:
         return 0

@@ -48,7 +48,7 @@ from collections.abc import Sequence
 import torch
 
 from fastlatent.data.trie import TitleTrie
-from fastlatent.engine.beam_search import Hypothesis
+from fastlatent.engine.beam_rules import Hypothesis
 
 # HF's filler beams carry at least one -1e9 penalty; real paths have finite full-vocab
 # log-prob sums, many orders of magnitude above this floor.
