@@ -10,8 +10,8 @@ hub, no data download), under 10 minutes:
    full logits), JSON from pytest-benchmark.
 4. ``compile_check``: registers, spills and shared memory of every kernel for this
    device's architecture at the Qwen2.5-1.5B shape in bf16 (``compile_check.py``).
-5. ``rl_step``: ``rl_step.py`` at the paper's shape (32 prompts x K = 8) on the random-weight
-   Qwen2.5-1.5B, bf16: engine vs the one-pass naive step, time and peak memory.
+5. ``engine_vs_naive``: ``engine_vs_naive.py`` at the paper's shape (32 prompts x K = 8) on
+   the random-weight Qwen2.5-1.5B, bf16: engine vs the one-pass naive step, time and peak memory.
 6. The RL step's FLOP floor (necessary FLOPs only: prompt prefill without gradient, the
    suffix forward, its backward to the activations, the LM head on real target tokens)
    and the fraction of the device's dense bf16 peak the engine reached.
@@ -71,7 +71,7 @@ def steps(dry_run: bool, out: Path) -> list[tuple[str, list[str], int, dict[str,
         "'torch': torch.__version__, 'triton': triton.__version__, "
         "'transformers': transformers.__version__}))")]
     if dry_run:
-        tests = [py, "-m", "pytest", "-q", "-x", "tests/test_fused_logprob_triton.py",
+        tests = [py, "-m", "pytest", "-q", "-x", "tests/ops/test_fused_logprob.py",
                  "-k", "gpu or fp16", "-p", "no:cacheprovider"]
         bench = [py, "-m", "pytest", "-q", "benchmarks/test_bench_fused_logprob.py",
                  "--benchmark-only", "--benchmark-min-rounds=1", "--benchmark-max-time=0.01",
@@ -79,8 +79,8 @@ def steps(dry_run: bool, out: Path) -> list[tuple[str, list[str], int, dict[str,
                  f"--benchmark-json={out / 'op_benchmarks.json'}", "-p", "no:cacheprovider"]
         compile_ = [py, "benchmarks/compile_check.py", "--kernel", "combine", "--dtype",
                     "bf16", "--shape", "smollm2", "--arch", "sm_90", "--json"]
-        rl = [py, "benchmarks/rl_step.py", "--model", "tiny-random", "--data", "synthetic",
-              "--prompts", "2", "--k", "2", "--repeats", "1", "--warmup", "0",
+        rl = [py, "benchmarks/engine_vs_naive.py", "--model", "tiny-random", "--data", "synthetic",
+              "--prompts", "2", "--num-samples", "2", "--repeats", "1", "--warmup", "0",
               "--paths", "rl-naive,rl-engine", "--device", "cpu", "--json"]
         reasoning = [py, "benchmarks/reasoning_latency.py", "--model", "tiny-random",
                      "--data", "synthetic", "--users", "2", "--batch", "2", "--repeats", "1",
@@ -94,8 +94,8 @@ def steps(dry_run: bool, out: Path) -> list[tuple[str, list[str], int, dict[str,
                  f"--benchmark-json={out / 'op_benchmarks.json'}", "-p", "no:cacheprovider"]
         compile_ = [py, "benchmarks/compile_check.py", "--dtype", "bf16", "--shape",
                     "qwen2.5-1.5b", "--arch", "sm_90", "--json"]
-        rl = [py, "benchmarks/rl_step.py", "--model", "qwen2.5-1.5b-random", "--data",
-              "synthetic", "--prompts", "32", "--k", "8", "--dtype", "bfloat16",
+        rl = [py, "benchmarks/engine_vs_naive.py", "--model", "qwen2.5-1.5b-random", "--data",
+              "synthetic", "--prompts", "32", "--num-samples", "8", "--dtype", "bfloat16",
               "--paths", "rl-naive,rl-engine", "--device", "cuda", "--json"]
         reasoning = [py, "benchmarks/reasoning_latency.py", "--model", "smollm2-135m-random",
                      "--data", "synthetic", "--users", "16", "--batch", "8", "--repeats", "5",
@@ -108,7 +108,7 @@ def steps(dry_run: bool, out: Path) -> list[tuple[str, list[str], int, dict[str,
             ("gpu_tests", tests, 100, interp),
             ("op_benchmarks", bench, 100, interp),
             ("compile_check", compile_, 70, no_interp),
-            ("rl_step", rl, 120, {}),
+            ("engine_vs_naive", rl, 120, {}),
             ("reasoning_latency", reasoning, 70, {}),
             ("grpo_cost", grpo, 60, {})]
 
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     device_name = ((results.get("device") or {}).get("json") or {}).get("device_name", "")
     report = {"date": _dt.date.today().isoformat(), "dry_run": args.dry_run,
               "seconds": round(time.perf_counter() - t0, 1), "steps": results,
-              "rl": rl_summary((results.get("rl_step") or {}).get("json"), device_name,
+              "rl": rl_summary((results.get("engine_vs_naive") or {}).get("json"), device_name,
                                args.dry_run)}
     (out / "gpu.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     if "device" in results:

@@ -37,7 +37,7 @@ PATHS = {"ppl": ("ppl", "ratt"), "exact_match": ("exact-match", "ratt"),
 def build(args):
     """The reasoner, one optimiser batch of encoded training rows and the catalogue's trie."""
     import torch
-    from rl_step import setup
+    from engine_vs_naive import setup
 
     from fastlatent.data.sampling import seeded_sample
     from fastlatent.evaluate import build_title_trie
@@ -58,7 +58,7 @@ def step_function(reasoner, rows, trie, reward: str, trainable: str, args):
     from fastlatent.optim import clipped_update, make_scheduler
     from fastlatent.rl import accumulate_rl_gradients, rl_param_groups
 
-    cfg = RLConfig(rl_batch_size=len(rows), num_samples=args.k, sigma=args.sigma,
+    cfg = RLConfig(rl_batch_size=len(rows), num_samples=args.num_samples, sigma=args.sigma,
                    advantage="group" if reward == "exact-match" else "batch", reward=reward,
                    rl_trainable=trainable, rl_lr=1e-4, rl_llm_lr=1e-5)
     groups = rl_param_groups(reasoner, cfg)
@@ -85,21 +85,11 @@ def summary_of(times: list[float]) -> dict:
 
 
 def main(argv=None) -> int:
+    from engine_vs_naive import add_setup_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m",
-                        help="smollm2-135m | smollm2-135m-random | tiny-random | ...")
-    parser.add_argument("--data", default="movielens-100k", help="dataset spec (see train.py)")
-    parser.add_argument("--train-split", default="train", help="split of the RL prompts")
-    parser.add_argument("--template", default="default", choices=("default", "latentr3"),
-                        help="prompt wording (latentr3: the release's)")
-    parser.add_argument("--prompts", type=int, default=8, help="prompts per RL step")
-    parser.add_argument("--num-samples", dest="k", type=int, default=8,
-                        help="K: rows per prompt (the trainer's --num-samples)")
+    add_setup_arguments(parser)
     parser.add_argument("--sigma", type=float, default=1.5, help="noise scale (--sigma)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds")
-    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--paths", default=",".join(PATHS),
                         help=f"comma-separated subset of {', '.join(PATHS)}")
@@ -107,7 +97,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     names = [n for n in args.paths.split(",") if n]
     unknown = sorted(set(names) - set(PATHS))
-    if unknown or args.k < 2:
+    if unknown or args.num_samples < 2:
         parser.error(f"unknown --paths {unknown}; choose from {list(PATHS)}" if unknown else
                      "--num-samples: the exact-match reward needs K >= 2")
     import torch
@@ -149,7 +139,7 @@ def main(argv=None) -> int:
                                                   / result["ppl"]["median_s"], 3)
     summary.update({"paper_original_vs_modified": 5.0, "device": args.device,
                     "model": args.model, "dtype": args.dtype, "data": args.data,
-                    "prompts": args.prompts, "k": args.k, "sigma": args.sigma,
+                    "prompts": args.prompts, "k": args.num_samples, "sigma": args.sigma,
                     "repeats": args.repeats, "threads": torch.get_num_threads(),
                     "paths": result})
     print(json.dumps(summary) if args.json else json.dumps(summary, indent=2))

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from rl_step import _reset_peak, _rss_kib  # noqa: E402
+from engine_vs_naive import _reset_peak, _rss_kib  # noqa: E402
 
 SETTINGS = ("rl-none", "rl-int8", "rl-nf4", "sft-adamw", "sft-adamw8bit", "sft-lora")
 
@@ -75,7 +75,7 @@ def worker(args) -> dict:
         _reset_peak()
     result = {"setting": args.worker, "loaded_bytes": loaded, "llm_weight_bytes": weight_bytes}
     if stage == "rl":
-        cfg = RLConfig(rl_batch_size=len(rows), num_samples=args.k, sigma=1.5)
+        cfg = RLConfig(rl_batch_size=len(rows), num_samples=args.num_samples, sigma=1.5)
         out = accumulate_rl_gradients(reasoner, rows, cfg, step_for(reasoner, "rl"),
                                       torch.Generator().manual_seed(0))
         result["rewards"] = out.rewards.cpu().tolist()
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", default="movielens-100k")
     p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--num-samples", type=int, default=8, help="K: rows per prompt")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="auto")
     p.add_argument("--settings", default=",".join(SETTINGS))
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
         r.pop("rewards", None)
     summary = {"device": args.device, "model": args.checkpoint or args.model,
                "dtype": args.dtype,
-               "prompts": args.prompts, "k": args.k, "settings": results}
+               "prompts": args.prompts, "k": args.num_samples, "settings": results}
     print(json.dumps(summary) if args.json else json.dumps(summary, indent=2))
     return 0
 

@@ -657,18 +657,19 @@ def build_table1(args: argparse.Namespace, out: Path, variants: list[Variant]
 
 # ---- fig2: popular vs unpopular targets ------------------------------------------------
 def popular_flags(out: Path, name: str, rows: list[dict[str, Any]]) -> list[bool]:
-    """Per evaluation row, is its target popular (the top 20% of items by frequency as a
+    """Per evaluation row, is its target popular (the top 20% of the catalogue by frequency as a
     training target, over the rows the variant trained on)? From the rows' own flag when
     predictions.jsonl has one, else recomputed from the variant's configuration."""
     if rows and all("popular" in r for r in rows):
         return [bool(r["popular"]) for r in rows]
-    from fastlatent.data.sources import item_frequencies, item_key, load_dataset
+    from fastlatent.data.sources import catalogue_frequencies, item_key, load_dataset
     from fastlatent.metrics import popular_items
     from fastlatent.pipeline import choose_splits
 
     cfg = saved_config(out / name)
-    splits = choose_splits(load_dataset(cfg.data.data, seed=cfg.run.seed), cfg)
-    popular = popular_items(item_frequencies(splits.train))
+    dataset = load_dataset(cfg.data.data, seed=cfg.run.seed)
+    splits = choose_splits(dataset, cfg)
+    popular = popular_items(catalogue_frequencies(splits.train, dataset.catalogue))
     by_key: dict[tuple[str, str], list[bool]] = defaultdict(list)
     for ex in splits.eval:
         by_key[ex.user, ex.target].append(item_key(ex) in popular)
@@ -691,7 +692,7 @@ def build_fig2(args: argparse.Namespace, out: Path, variants: list[Variant]
     rows = SameRows(out)
     flags = popular_flags(out, base.name, rows.rows(base.name, base.stage))
     values = {v.name: rows.values(v.name, v.stage) for v in (base, model)}
-    report["popular_definition"] = ("top 20% of items by frequency as a training target "
+    report["popular_definition"] = ("top 20% of the catalogue by frequency as a training target "
                                     "(fastlatent.metrics.popular_items)")
     for group, wanted in (("popular", True), ("unpopular", False)):
         index = [i for i, flag in enumerate(flags) if flag == wanted]
@@ -866,7 +867,7 @@ def markdown_fig2(report: dict[str, Any]) -> str:
                       _ci({"v": m["latentr3"], "v_ci": m["latentr3_ci"]}, "v"),
                       _diff(m["gain"])]
         lines.append(f"| {group} | {entry['n']} | " + " | ".join(cells) + " |")
-    lines += ["", "Popular = the top 20% of items by frequency as a training target; "
+    lines += ["", "Popular = the top 20% of the catalogue by frequency as a training target; "
               "Δ = +LatentR³ (rl-batch) − BIGRec (wo-reasoning) on the group's rows."]
     return "\n".join(lines + _tail(report)) + "\n"
 

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastlatent.evaluate import catalogue_record
     from fastlatent.model.loading import load_llm
     from fastlatent.model.reasoner import LatentReasoner, ReasonerConfig
-    from fastlatent.recommend import Recommender
+    from fastlatent.recommendation import Recommender
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")

@@ -21,7 +21,8 @@ def setup():
     cuda = dev.type == "cuda"
     args = argparse.Namespace(
         model="smollm2-135m-random" if cuda else "tiny-random", data="synthetic",
-        train_split="train", template="default", prompts=32 if cuda else 4, k=8, sigma=1.5,
+        train_split="train", template="default", prompts=32 if cuda else 4, num_samples=8,
+        sigma=1.5,
         dtype="bfloat16" if cuda else "float32", device=str(dev))
     return args, *build(args)
 
@@ -31,8 +32,8 @@ def test_grpo_step(benchmark, setup, provider):
     args, reasoner, rows, trie = setup
     reward, trainable = PATHS[provider]
     run, stats = step_function(copy.deepcopy(reasoner), rows, trie, reward, trainable, args)
-    benchmark.group = f"grpo_step/{args.model}-{args.prompts}x{args.k}"
-    benchmark.extra_info.update(prompts=args.prompts, k=args.k, reward=reward,
+    benchmark.group = f"grpo_step/{args.model}-{args.prompts}x{args.num_samples}"
+    benchmark.extra_info.update(prompts=args.prompts, k=args.num_samples, reward=reward,
                                 trainable=trainable)
     benchmark(timed(run))
     benchmark.extra_info["equal_reward_groups"] = stats["equal_reward_groups"][-1]

@@ -22,8 +22,8 @@ def __getattr__(name: str) -> Any:
         from fastlatent.engine.grpo import latent_grpo_loss
 
         return latent_grpo_loss
-    if name == "recommend":  # the module, callable as fastlatent.recommend.recommend
-        import fastlatent.recommend as module
+    if name == "recommend":
+        from fastlatent.recommendation import recommend
 
-        return module
+        return recommend
     raise AttributeError(f"module 'fastlatent' has no attribute {name!r}")

@@ -528,7 +528,7 @@ def prepare(args: BaselineArgs) -> Plan:
             has no rows, ids that cannot be resolved, an output folder from other settings.
     """
     from fastlatent.config import build_config
-    from fastlatent.data.sources import item_frequencies, load_dataset
+    from fastlatent.data.sources import catalogue_frequencies, load_dataset
     from fastlatent.evaluate import most_frequent_titles, popularity_baseline
     from fastlatent.metrics import popular_items
     from fastlatent.pipeline import choose_splits
@@ -553,7 +553,7 @@ def prepare(args: BaselineArgs) -> Plan:
     except ValueError as err:  # too few rows to hold out an early-stopping slice
         raise BaselineError(f"--train-split {args.train_split!r}: {err}") from None
     rows = sequence_rows(splits.train, splits.valid, splits.eval, dataset.catalogue)
-    popular = popular_items(item_frequencies(splits.train))
+    popular = popular_items(catalogue_frequencies(splits.train, dataset.catalogue))
     return Plan(args=args, out=out, titles=dataset.catalogue.titles, evaluation=splits.eval,
                 rows=rows, popular=popular,
                 baseline=popularity_baseline(splits.train, splits.eval, popular=popular,

@@ -16,6 +16,8 @@ from typing import Any
 
 from fastlatent.errors import UserError
 
+WARMUP_FITS = ("fitted", "as-given")
+
 
 def _f(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
@@ -74,6 +76,9 @@ class SFTConfig:
                                 "accumulation; dealt over the processes under torchrun)")
     sft_epochs: int = _f(3, "SFT epochs")
     sft_warmup_steps: int = _f(20, "SFT linear warm-up steps, then linear decay to 0")
+    sft_warmup_fit: str = _f("fitted", "fitted: a warm-up at least as long as the SFT run "
+                             "is shortened to the release's share of it (20/1155) | as-given: "
+                             "--sft-warmup-steps is used as it is", choices=WARMUP_FITS)
     sft_weight_decay: float = _f(0.0, "AdamW weight decay in SFT")
     sft_lora_r: int = _f(0, "LoRA rank for SFT (PEFT adapters on the attention and MLP "
                          "projections; 0 = full fine-tuning); merged into the base before RL")
@@ -98,6 +103,10 @@ class RLConfig:
     rl_epochs: int = _f(1, "RL epochs over the training prompts")
     rl_max_steps: int = _f(0, "stop RL after this many optimiser steps (0 = no limit)")
     rl_warmup_steps: int = _f(200, "RL warm-up steps, then cosine decay")
+    rl_warmup_fit: str = _f("fitted", "fitted: a warm-up at least as long as the RL run is "
+                            "shortened to the release's share of it (200/1539) | as-given: "
+                            "--rl-warmup-steps is used as it is (a warm-up as long as the run "
+                            "never reaches --rl-lr)", choices=WARMUP_FITS)
     num_samples: int = _f(8, "K: rows per prompt, r^0 = r plus K-1 noisy r + sigma*eps "
                           "(the release's 8)")
     sigma: float = _f(1.5, "standard deviation of the Gaussian noise on the latent (absolute)")

@@ -38,10 +38,12 @@ class EvalResult:
 
 
 def build_title_trie(builder: PromptBuilder, catalogue: Catalogue) -> TitleTrie:
-    """Prefix trie over the tokenised targets ("title"\\n + EOS) of every catalogue title."""
+    """Prefix trie over the tokenised targets ("title"\\n + EOS) of every catalogue title,
+    each path labelled with its title."""
     eos = builder.tokenizer.eos_token_id
-    return TitleTrie.from_sequences(
-        (builder.encode_target(t) for t in catalogue.distinct_titles), eos_token_id=eos)
+    titles = catalogue.distinct_titles
+    return TitleTrie.from_sequences((builder.encode_target(t) for t in titles),
+                                    eos_token_id=eos, labels=titles)
 
 
 def catalogue_record(builder: PromptBuilder, catalogue: Catalogue) -> dict[str, Any]:
@@ -58,18 +60,25 @@ def decode_title(tokenizer, token_ids: Sequence[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False).strip().strip('"').strip()
 
 
+def title_of(trie: TitleTrie, tokenizer, token_ids: Sequence[int]) -> str:
+    """A beam's title: the catalogue title whose trie path it wrote, not the decoded text
+    (a tokenizer that normalises text on decoding, e.g. NFC or spaces, would turn an exact
+    path into a miss); the decoded text for a path cut short of EOS."""
+    return trie.label(token_ids) or decode_title(tokenizer, token_ids)
+
+
 def rank_titles(reasoner: LatentReasoner, search, builder: PromptBuilder, trie: TitleTrie,
                 part: Sequence[Example], *, num_beams: int, length_penalty: float,
                 max_new_tokens: int) -> list[tuple[list[str], list[float]]]:
     """One batch of users through constrained beam search: per user, the titles best
-    first and their beam scores (rounded to 6 decimals)."""
+    first (:func:`title_of`) and their beam scores (rounded to 6 decimals)."""
     tokenizer = reasoner.tokenizer
     batch = collate([builder.encode(ex) for ex in part], tokenizer.pad_token_id)
     batch = batch.to(reasoner.device)
     hyps = search(reasoner, batch.prompt_ids, batch.prompt_mask, trie, num_beams=num_beams,
                   num_return=num_beams, length_penalty=length_penalty,
                   max_new_tokens=max_new_tokens)
-    return [([decode_title(tokenizer, h.token_ids) for h in row],
+    return [([title_of(trie, tokenizer, h.token_ids) for h in row],
              [round(float(h.score), 6) for h in row]) for row in hyps]
 
 

@@ -164,21 +164,23 @@ def summarize(
 
 
 def popular_items(frequencies: Mapping[Key, int], fraction: float = 0.2) -> set[Key]:
-    """The most frequent ``fraction`` of the items seen in training.
+    """The most frequent ``fraction`` of the catalogue (LatentR³ App. D: "based on the
+    frequency of items in the training set, we consider the top 20% of items as popular").
 
-    Items with a count of 0 were not seen and are ignored. The n seen items are ranked by
-    count, descending, ties broken by ascending key (keys must be mutually comparable,
-    e.g. all item ids or all titles), and the first ``ceil(fraction * n)`` are popular:
-    with any seen item at least one is popular. ``fraction * n`` is rounded to 9 decimals
-    before the ceiling so that float error (0.2 * 15 = 3.0000000000000004) does not add
-    an item.
+    ``frequencies`` holds every catalogue item, n in all, with its count as a training
+    target (0 if never one): :func:`fastlatent.data.sources.catalogue_frequencies`. The
+    items are ranked by count, descending; items of equal count keep their order in
+    ``frequencies`` (catalogue_frequencies: first appearance as a training target, so a
+    tie at the cut goes to the item that reached the count first). The first
+    ``ceil(fraction * n)`` are popular, except that an item never seen in training is
+    never popular. ``fraction * n`` is rounded to 9 decimals before the ceiling so that
+    float error (0.2 * 15 = 3.0000000000000004) does not add an item.
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"expected 0 < fraction <= 1, got {fraction}")
     negative = {key: count for key, count in frequencies.items() if count < 0}
     if negative:
         raise ValueError(f"expected non-negative frequencies, got {negative}")
-    seen = sorted((key for key, count in frequencies.items() if count > 0),
-                  key=lambda key: (-frequencies[key], key))
-    keep = math.ceil(round(fraction * len(seen), 9))
-    return set(seen[:keep])
+    ranked = sorted(frequencies, key=lambda key: -frequencies[key])  # stable: ties keep order
+    keep = math.ceil(round(fraction * len(ranked), 9))
+    return {key for key in ranked[:keep] if frequencies[key] > 0}

@@ -17,17 +17,25 @@ from fastlatent.errors import TrainingStopped
 RELEASE_WARMUP_SHARE = {"sft": 20 / 1155, "rl": 200 / 1539}
 
 
-def fitted_warmup(configured: int, total_steps: int, stage: str) -> tuple[int, str | None]:
-    """The warm-up to use: ``configured`` when it is shorter than the run; otherwise the
-    release's share of ``total_steps`` (at least 1), with a note saying so.
+def fitted_warmup(configured: int, total_steps: int, stage: str,
+                  fit: str = "fitted") -> tuple[int, str | None]:
+    """The warm-up to use: ``configured`` when it is shorter than the run or ``fit`` is
+    "as-given" (with a note when the learning rate then never reaches its peak);
+    otherwise the release's share of ``total_steps`` (at least 1), with a note saying so.
 
     A warm-up as long as the run never reaches the configured learning rate (200 RL
     warm-up steps against ~183 optimiser steps on amazon-cds trained on `valid`).
     """
     if stage not in RELEASE_WARMUP_SHARE:
         raise ValueError(f"expected stage in {sorted(RELEASE_WARMUP_SHARE)}, got {stage!r}")
+    if fit not in ("fitted", "as-given"):
+        raise ValueError(f"expected fit 'fitted' or 'as-given', got {fit!r}")
     if configured < total_steps:
         return configured, None
+    if fit == "as-given":
+        return configured, (f"{stage.upper()}: warm-up of {configured} steps >= the run's "
+                            f"{total_steps} optimiser steps, as given: the learning rate "
+                            "never reaches its peak")
     share = RELEASE_WARMUP_SHARE[stage]
     fitted = max(1, round(share * total_steps))
     note = (f"{stage.upper()}: warm-up of {configured} steps >= the run's {total_steps} "

@@ -20,7 +20,7 @@ from fastlatent.data.checks import report_data
 from fastlatent.data.example import Dataset, Example
 from fastlatent.data.prompt import TEMPLATES, PromptBuilder
 from fastlatent.data.sampling import seeded_sample
-from fastlatent.data.sources import holdout_slice, item_frequencies, load_dataset
+from fastlatent.data.sources import catalogue_frequencies, holdout_slice, load_dataset
 from fastlatent.engine.decoder import UnsupportedModelError
 from fastlatent.errors import ModelLoadError
 from fastlatent.evaluate import (
@@ -248,7 +248,7 @@ def run_pipeline(cfg: Config, out: Path, device: torch.device, log: StepLog,
     reasoner.catalogue = catalogue_record(builder, dataset.catalogue)
     if stage in ("rl", "eval"):
         quantize_base(reasoner, cfg, out, log, source=cfg.run.checkpoint or None)
-    popular = popular_items(item_frequencies(splits.train))
+    popular = popular_items(catalogue_frequencies(splits.train, dataset.catalogue))
     log.write("data", "splits", train=len(splits.train), valid=len(splits.valid),
               eval=len(splits.eval), catalogue=len(dataset.catalogue), titles=len(trie))
     baseline = popularity_baseline(splits.train, splits.eval, popular=popular, seed=seed)

@@ -12,8 +12,13 @@ import sys
 import torch
 
 from fastlatent.engine.decoder import Decoder, UnsupportedModelError
-from fastlatent.engine.grpo import perplexity_reward
-from fastlatent.engine.scoring import score_targets, target_logprobs_from_logits
+from fastlatent.engine.grpo import negative_perplexity
+from fastlatent.engine.scoring import (
+    body_hidden,
+    fp32_logits,
+    score_targets,
+    target_logprobs_from_logits,
+)
 from fastlatent.ops.positions import positions_from_mask
 
 
@@ -138,7 +143,7 @@ def ppl_reward(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: to
             prefix = decoder.prefix(ids, mask)
         logp = score_targets(decoder, prefix, rows, tgt_ids, tgt_mask, k, backend=backend)
     logp = logp.view(b, k, -1)
-    rewards = perplexity_reward(logp, target_mask[:, None, :])
+    rewards = negative_perplexity(logp, target_mask[:, None, :])
     return (rewards, logp) if return_logprobs else rewards
 
 
@@ -155,13 +160,14 @@ def _generic_logprobs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Ten
                            torch.ones(latents.shape[:2], dtype=mask.dtype, device=mask.device),
                            target_mask), dim=1)
     try:
-        logits = model(inputs_embeds=full, attention_mask=full_mask,
-                       position_ids=positions_from_mask(full_mask)).logits
+        hidden = body_hidden(model, inputs_embeds=full, attention_mask=full_mask,
+                             position_ids=positions_from_mask(full_mask))
     except TypeError as err:
         raise ValueError(f"{type(model).__name__} cannot be scored: it is not a supported "
                          f"family and its forward does not take inputs_embeds/position_ids "
                          f"({err})") from err
     start = ids.shape[1] + latents.shape[1] - 1
     t = target_ids.shape[1]
-    logp = target_logprobs_from_logits(logits[:, start:start + t], target_ids)
+    logp = target_logprobs_from_logits(fp32_logits(model, hidden)[:, start:start + t],
+                                       target_ids)
     return logp * target_mask.to(logp.dtype)

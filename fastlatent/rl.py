@@ -1,9 +1,9 @@
 """Stage 2, latent GRPO: the LLM is frozen, LatentRATT learns from perplexity rewards.
 
 For each optimiser batch of prompts: K rows per prompt (r^0 = r, r^k = r + sigma*eps),
-reward -PPL of the target, advantage pooled over the whole optimiser batch (however it is
-split into micro-batches and processes), loss of LATENTR3.md Eq. 8, AdamW with warm-up +
-cosine, clipping. ``--reward exact-match`` swaps in the original GRPO of the paper's
+reward -PPL of the target, advantages computed once per optimiser batch over all its rows
+(however it is split into micro-batches and processes), loss of LATENTR3.md Eq. 8, AdamW
+with warm-up + cosine, clipping. ``--reward exact-match`` swaps in the original GRPO of the paper's
 App. F (each row writes a title; reward 1 if it is the target) and ``--rl-trainable all``
 trains the LLM too (its own learning rate).
 """
@@ -32,7 +32,7 @@ from fastlatent.data.batch import EncodedExample, collate
 from fastlatent.data.sampling import shuffled_batches
 from fastlatent.data.trie import TitleTrie
 from fastlatent.engine.generic import step_for
-from fastlatent.engine.grpo import grpo_advantages, sample_noise
+from fastlatent.engine.grpo import grpo_advantages, grpo_loss, sample_noise
 from fastlatent.model.reasoner import LatentReasoner
 from fastlatent.optim import (
     NonFiniteGuard,
@@ -102,70 +102,62 @@ def accumulate_rl_gradients(reasoner: LatentReasoner, batch: Sequence[EncodedExa
                             params: Sequence[torch.nn.Parameter] | None = None
                             ) -> RLBatchResult:
     """Backward of the latent GRPO loss of one optimiser ``batch`` (global: the same on
-    every process); its advantage pool is always the whole batch, however it is split
-    into micro-batches and processes.
+    every process), in one shape: forward (token log-probs and rewards of each
+    micro-batch) -> the rewards of the whole batch gathered -> advantages computed once
+    over that pool -> loss -> backward. The result equals one full-batch pass in one
+    process, however the batch is split into micro-batches and processes.
 
     The noise for all B*K rows is drawn once from ``generator`` (the same state on every
     process), so a prompt's noise depends on the seed and its place in the batch, not on
     the process. The micro-batches (``--rl-micro-batch``; 0 = each process's share in one
-    forward) are dealt over the processes. When each process holds at most one, its
-    forward scores its rows, the rewards of the whole batch are gathered, and the loss is
-    built from that same pass. With more micro-batches, a first pass without gradient
-    scores every micro-batch, the advantages are pooled over the batch, and a second pass
-    back-propagates each micro-batch with its share of them (one extra no-grad pass is the
-    price of the lower peak memory). Each micro-batch's loss is weighted by its share of
-    the prompts and the gradients are summed over the processes, so the result equals one
-    full-batch pass in one process.
+    forward) are dealt over the processes. A process holding one micro-batch keeps its
+    forward's graph until the advantages are known. A process holding several cannot keep
+    all their graphs (that is what micro-batches save), so it scores them without
+    gradient first and runs each again with gradient once the advantages are known: one
+    extra no-grad forward per micro-batch, the price of the lower peak memory. Each
+    micro-batch's loss is weighted by its share of the prompts and the gradients are
+    summed over the processes.
     """
     pad = reasoner.tokenizer.pad_token_id
     d = reasoner.llm.config.hidden_size
     noise = sample_noise(len(batch), cfg.num_samples, d, generator=generator,
                          device=reasoner.device)
-    kwargs = dict(k=cfg.num_samples, sigma=cfg.sigma, pool=cfg.advantage)
     micro = cfg.rl_micro_batch or distributed.rounds(len(batch))
     starts = list(range(0, len(batch), micro))
-    mine = distributed.deal(starts)
-
+    mine = [start for _, start in distributed.deal(starts)]
     parts = {start: collate(batch[start:start + micro], pad).to(reasoner.device)
-             for _, start in mine}
-    if len(starts) == 1 and not distributed.active():  # one process, one pass: the step
-        out = train_step(reasoner, parts[0], noise=noise, **kwargs)  # pools its own rows
-        out.loss.backward()
-        return RLBatchResult(float(out.loss.detach()), out.rewards, out.advantages)
+             for start in mine}
 
-    def pooled(local: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
-        gathered = distributed.gather_dealt({i: r.cpu() for i, r in local.items()})
-        rewards = torch.cat([gathered[i] for i in range(len(starts))])
-        return {"rewards": rewards, "advantages": grpo_advantages(rewards, pool=cfg.advantage)}
+    def forward(start: int):
+        return train_step(reasoner, parts[start], noise=noise[start:start + micro],
+                          sigma=cfg.sigma)
 
-    def pool_for(index: int, start: int):
-        def pool_rewards(rewards: torch.Tensor) -> torch.Tensor:
-            pool.update(pooled({index: rewards}))
-            return pool["advantages"][start:start + micro]
-        return pool_rewards
-
-    pool: dict[str, torch.Tensor] = {}
-    two_pass = len(starts) > distributed.world_size()  # some process holds several
-    if two_pass:
-        with torch.no_grad():
-            pool.update(pooled({i: train_step(reasoner, parts[start],
-                                              noise=noise[start:start + micro],
-                                              **kwargs).rewards for i, start in mine}))
-    elif not mine:  # more processes than micro-batches: join the gather with nothing
-        pool.update(pooled({}))
+    keep_graphs = len(mine) == 1
+    with torch.set_grad_enabled(keep_graphs and torch.is_grad_enabled()):
+        outs = {start: forward(start) for start in mine}
+    rewards = gather_rows({start: out.rewards for start, out in outs.items()}, starts,
+                          reasoner.device)
+    advantages = grpo_advantages(rewards, pool=cfg.advantage)
     loss = 0.0
-    for i, start in mine:
-        chunk = parts[start]
-        given = (dict(advantages=pool["advantages"][start:start + len(chunk)]
-                      .to(reasoner.device)) if two_pass
-                 else dict(pool_rewards=pool_for(i, start)))
-        out = train_step(reasoner, chunk, noise=noise[start:start + micro], **given, **kwargs)
-        share = len(chunk) / len(batch)
-        (out.loss * share).backward()
-        loss += float(out.loss.detach()) * share
+    for start in mine:
+        out = outs[start] if keep_graphs else forward(start)
+        rows = slice(start, start + len(parts[start]))
+        part = grpo_loss(out.token_logprobs, out.mask, advantages[rows])
+        share = len(parts[start]) / len(batch)
+        (part * share).backward()
+        loss += float(part.detach()) * share
     distributed.all_reduce_gradients(reasoner.ratt.parameters() if params is None else params)
     (loss,) = distributed.sum_floats(loss)
-    return RLBatchResult(loss, pool["rewards"], pool["advantages"])
+    return RLBatchResult(loss, rewards, advantages)
+
+
+def gather_rows(local: dict[int, torch.Tensor], starts: Sequence[int],
+                device: torch.device) -> torch.Tensor:
+    """The rows of every micro-batch (``local``: this process's, by start), concatenated
+    in batch order on every process."""
+    if distributed.active():
+        local = distributed.gather_dealt({start: t.cpu() for start, t in local.items()})
+    return torch.cat([local[start].to(device) for start in starts])
 
 
 def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLConfig, *,
@@ -191,7 +183,7 @@ def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLC
     total_steps = steps_per_epoch * cfg.rl_epochs
     if cfg.rl_max_steps > 0:
         total_steps = min(total_steps, cfg.rl_max_steps)
-    warmup, note = fitted_warmup(cfg.rl_warmup_steps, total_steps, "rl")
+    warmup, note = fitted_warmup(cfg.rl_warmup_steps, total_steps, "rl", cfg.rl_warmup_fit)
     if note and resume is None:
         tqdm.write(f"note: {note}")
     scheduler = make_scheduler(optimizer, "rl", warmup, total_steps)

@@ -112,7 +112,7 @@ def run_sft(reasoner: LatentReasoner, train: Sequence[EncodedExample],
     optimizer = make_optimizer(cfg, params)
     steps_per_epoch = math.ceil(len(train) / cfg.sft_batch_size)
     total_steps = steps_per_epoch * cfg.sft_epochs
-    warmup, note = fitted_warmup(cfg.sft_warmup_steps, total_steps, "sft")
+    warmup, note = fitted_warmup(cfg.sft_warmup_steps, total_steps, "sft", cfg.sft_warmup_fit)
     if note and resume is None:
         tqdm.write(f"note: {note}")
     scheduler = make_scheduler(optimizer, "sft", warmup, total_steps)

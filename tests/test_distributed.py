@@ -239,14 +239,14 @@ def test_sigterm_stops_every_rank_after_the_same_step_and_resumes(smoke_runs, tm
 
 @pytest.mark.slow
 def test_benchmark_times_one_and_two_processes():
-    """benchmarks/rl_step.py --nproc 2 runs both paths with 1 and 2 processes and reports
+    """benchmarks/engine_vs_naive.py --nproc 2 runs both paths with 1 and 2 processes and reports
     the speed-up and the collectives' share (values are the benchmark's business)."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
-        [sys.executable, "benchmarks/rl_step.py", "--nproc", "2", "--model", "tiny-random",
-         "--data", "synthetic", "--prompts", "5", "--k", "2", "--repeats", "1",
+        [sys.executable, "benchmarks/engine_vs_naive.py", "--nproc", "2", "--model", "tiny-random",
+         "--data", "synthetic", "--prompts", "5", "--num-samples", "2", "--repeats", "1",
          "--warmup", "0", "--json"], cwd=root, env=ENV, capture_output=True, text=True,
         timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -19,6 +19,7 @@ from fastlatent.engine.exact_match import Answers, exact_match_rewards, exact_ma
 from fastlatent.engine.grpo import sample_noise
 from fastlatent.rl import freeze_llm
 from fastlatent.testing.exact_match import naive_exact_match_rl_step
+from fastlatent.testing.naive_steps import loss_of_one_pool
 
 
 def assert_grads_close(got, ref, atol):
@@ -76,19 +77,19 @@ def test_engine_step_matches_the_generate_oracle(tiny_reasoner, tiny_batch, trie
                                     trie=trie)
     vocab = tiny_reasoner.llm.get_output_embeddings().weight.shape[0]
     trie_t = TrieTensors.from_trie(trie, vocab, torch.device("cpu"))
-    out = exact_match_rl_step(tiny_reasoner, batch, k=k, sigma=sigma, noise=noise,
-                              trie=trie_t, pool="group")
+    out = exact_match_rl_step(tiny_reasoner, batch, noise=noise, sigma=sigma, trie=trie_t)
+    loss, advantages = loss_of_one_pool(out, "group")
     torch.testing.assert_close(out.rewards, ref.rewards)
-    assert bool((out.advantages != 0).any())
-    torch.testing.assert_close(out.advantages, ref.advantages, rtol=0, atol=1e-5)
+    assert bool((advantages != 0).any())
+    torch.testing.assert_close(advantages, ref.advantages, rtol=0, atol=1e-5)
     answers = _answers_of(tiny_reasoner, batch, noise, k, sigma, trie_t)
     written = [[tuple(t for t, m in zip(ids, keep, strict=True) if m)
                 for ids, keep in zip(answers.token_ids[i * k:(i + 1) * k].tolist(),
                                      answers.mask[i * k:(i + 1) * k].tolist(), strict=True)]
                for i in range(len(batch))]
     assert written == ref.answers
-    torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=1e-5)
-    assert_grads_close(torch.autograd.grad(out.loss, params),
+    torch.testing.assert_close(loss, ref.loss, rtol=0, atol=1e-5)
+    assert_grads_close(torch.autograd.grad(loss, params),
                        torch.autograd.grad(ref.loss, params), atol=1e-4)
 
 
@@ -114,11 +115,12 @@ def test_training_the_llm_too_matches_the_oracle(tiny_reasoner, tiny_batch, trie
     ref = naive_exact_match_rl_step(tiny_reasoner, batch, k=k, sigma=sigma, noise=noise,
                                     trie=trie, train_llm=True)
     vocab = tiny_reasoner.llm.get_output_embeddings().weight.shape[0]
-    out = exact_match_rl_step(tiny_reasoner, batch, k=k, sigma=sigma, noise=noise,
+    out = exact_match_rl_step(tiny_reasoner, batch, noise=noise, sigma=sigma,
                               trie=TrieTensors.from_trie(trie, vocab, torch.device("cpu")),
                               train_llm=True)
-    torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=1e-5)
-    got = torch.autograd.grad(out.loss, params, allow_unused=True)
+    loss, _ = loss_of_one_pool(out, "group")
+    torch.testing.assert_close(loss, ref.loss, rtol=0, atol=1e-5)
+    got = torch.autograd.grad(loss, params, allow_unused=True)
     want = torch.autograd.grad(ref.loss, params, allow_unused=True)
     llm_grads = [g for g, p in zip(got, params, strict=True)
                  if g is not None and any(p is q for q in tiny_reasoner.llm.parameters())]
@@ -131,12 +133,13 @@ def test_equal_rewards_give_zero_advantages_not_nan(tiny_reasoner, tiny_batch, t
     freeze_llm(tiny_reasoner)
     vocab = tiny_reasoner.llm.get_output_embeddings().weight.shape[0]
     noise = torch.zeros(len(tiny_batch), 3, tiny_reasoner.llm.config.hidden_size)
-    out = exact_match_rl_step(tiny_reasoner, tiny_batch, k=3, sigma=1.0, noise=noise,
+    out = exact_match_rl_step(tiny_reasoner, tiny_batch, noise=noise, sigma=1.0,
                               trie=TrieTensors.from_trie(trie, vocab, torch.device("cpu")))
+    loss, advantages = loss_of_one_pool(out, "group")
     # no noise: the K rows write the same title, so every group's rewards are equal
     assert bool((out.rewards == out.rewards[:, :1]).all())
-    assert torch.equal(out.advantages, torch.zeros_like(out.advantages))
-    assert torch.isfinite(out.loss) and float(out.loss) == 0.0
+    assert torch.equal(advantages, torch.zeros_like(advantages))
+    assert torch.isfinite(loss) and float(loss) == 0.0
 
 
 def test_rewards_compare_the_whole_written_path():
@@ -152,7 +155,9 @@ def test_rewards_compare_the_whole_written_path():
 def test_k_below_two_is_refused(tiny_reasoner, tiny_batch, trie):
     vocab = tiny_reasoner.llm.get_output_embeddings().weight.shape[0]
     with pytest.raises(ValueError, match="k >= 2"):
-        exact_match_rl_step(tiny_reasoner, tiny_batch, k=1, sigma=1.0,
+        exact_match_rl_step(tiny_reasoner, tiny_batch, sigma=1.0,
+                            noise=torch.zeros(len(tiny_batch), 1,
+                                              tiny_reasoner.llm.config.hidden_size),
                             trie=TrieTensors.from_trie(trie, vocab, torch.device("cpu")))
 
 
@@ -233,3 +238,19 @@ def test_rl_trainable_all_moves_the_llm_and_resumes_bitwise(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(_llm_and_ratt_bytes(full)) == 2
     assert _llm_and_ratt_bytes(killed) == _llm_and_ratt_bytes(full)
+
+
+def test_forced_runs_beside_a_row_at_the_last_numbered_title():
+    # The last node numbered is a title's end, whose CSR slice starts past the last edge:
+    # a row that wrote that EOS sits beside a row still on its forced run.
+    from fastlatent.engine.exact_match import _forced_runs
+
+    eos = 2
+    trie = TitleTrie.from_sequences([(5, 6, 7, eos), (9, eos)], eos_token_id=eos)
+    trie_t = TrieTensors.from_trie(trie, 16, torch.device("cpu"))
+    leaf = trie.node_of((9, eos))
+    assert leaf == trie.num_nodes - 1
+    runs, nodes = _forced_runs(trie_t, torch.tensor([eos, 5]),
+                               torch.tensor([leaf, trie.node_of((5,))]), 4)
+    assert runs.tolist() == [[eos, -1, -1, -1], [5, 6, 7, eos]]
+    assert nodes.tolist() == [-1, -1]

@@ -509,3 +509,26 @@ def test_a_write_that_fails_mid_run_is_one_line_and_the_run_is_marked_failed(tmp
                            "on device (ENOSPC)")
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["status"] == "failed" and "ENOSPC" in manifest["segments"][-1]["message"]
+
+
+def test_titles_come_from_the_trie_path_not_the_decoded_text(tiny_reasoner, synthetic_dataset,
+                                                             monkeypatch):
+    """A tokenizer that normalises text on decoding (here: upper case, the extreme of NFC
+    or space clean-up) must not turn an exact catalogue path into a miss: each beam's
+    title is the catalogue title its trie path encodes."""
+    import fastlatent.evaluate as evaluate
+    from fastlatent.config import EvalConfig
+
+    builder = PromptBuilder(tiny_reasoner.tokenizer, domain=synthetic_dataset.domain)
+    trie = evaluate.build_title_trie(builder, synthetic_dataset.catalogue)
+    rows = synthetic_dataset.split("test")[:3]
+    cfg = EvalConfig(num_beams=3, max_new_tokens=24, eval_batch_size=3)
+    plain = evaluate.evaluate(tiny_reasoner, rows, builder, trie, cfg).predictions
+    decode = tiny_reasoner.tokenizer.decode
+    monkeypatch.setattr(tiny_reasoner.tokenizer, "decode",
+                        lambda *a, **k: decode(*a, **k).upper())
+    shouting = evaluate.evaluate(tiny_reasoner, rows, builder, trie, cfg).predictions
+    titles = set(synthetic_dataset.catalogue.titles)
+    assert [r["predictions"] for r in shouting] == [r["predictions"] for r in plain]
+    assert all(t in titles for r in shouting for t in r["predictions"])
+    assert [r["rank"] for r in shouting] == [r["rank"] for r in plain]

@@ -24,7 +24,7 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "gpu.json").read_text())
     assert set(report["steps"]) == {"device", "gpu_tests", "op_benchmarks", "compile_check",
-                                    "rl_step", "reasoning_latency", "grpo_cost"}
+                                    "engine_vs_naive", "reasoning_latency", "grpo_cost"}
     assert all(step["rc"] == 0 for step in report["steps"].values())
     assert report["steps"]["compile_check"]["json"]["compiled"] >= 1
     rl = report["rl"]

@@ -16,7 +16,7 @@ from fastlatent.errors import CheckpointError
 from fastlatent.model.quantize import quantization_of, quantize_llm
 from fastlatent.model.reasoner import LatentReasoner
 from fastlatent.rl import freeze_llm
-from fastlatent.testing.naive_steps import naive_rl_step
+from fastlatent.testing.naive_steps import loss_of_one_pool, naive_rl_step
 from fastlatent.train import main
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -27,7 +27,7 @@ REWARD_RTOL = {"int8": 0.005, "nf4": 0.03}
 
 
 def rewards(reasoner, batch, noise):
-    return rl_step(reasoner, batch, k=noise.shape[1], sigma=1.0, noise=noise).rewards
+    return rl_step(reasoner, batch, noise=noise, sigma=1.0).rewards
 
 
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
@@ -47,14 +47,14 @@ def test_quantised_projections_under_the_engine(tiny_reasoner, tiny_batch, mode,
     assert quantization_of(quant.llm) == {"mode": mode, "source": str(tmp_path)}
     # The engine (shared-prefix Decoder) and the full-sequence path agree over the same
     # quantised layers: the Decoder runs them unchanged.
-    out = rl_step(quant, tiny_batch, k=3, sigma=1.0, noise=noise)
-    ref = naive_rl_step(quant, tiny_batch, k=3, sigma=1.0, noise=noise)
+    out = rl_step(quant, tiny_batch, noise=noise, sigma=1.0)
+    ref = naive_rl_step(quant, tiny_batch, noise=noise, sigma=1.0)
     torch.testing.assert_close(out.token_logprobs, ref.token_logprobs, rtol=1e-4, atol=1e-4)
     # ... and their rewards stay near the full-precision model's.
     torch.testing.assert_close(out.rewards, full, rtol=REWARD_RTOL[mode], atol=0)
     assert not torch.equal(out.rewards, full)  # the quantisation did change something
     # LatentRATT still trains over the quantised LLM.
-    out.loss.backward()
+    loss_of_one_pool(out)[0].backward()
     assert all(p.grad is not None for p in quant.ratt.parameters())
     assert all(not p.requires_grad for p in quant.llm.parameters())
 

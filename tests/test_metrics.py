@@ -124,26 +124,33 @@ def test_summarize_without_flags_and_with_an_empty_group():
         summarize([])
 
 
-def test_popular_items_top_fraction_with_ties():
+def test_popular_items_top_fraction_of_the_catalogue_ties_by_first_appearance():
+    # 11 catalogue items in first-appearance order; item04 was never a training target.
     counts = {f"item{i:02d}": c for i, c in enumerate([9, 1, 5, 5, 0, 3, 2, 2, 7, 1, 4])}
-    # 10 seen items (item04 has count 0) -> ceil(0.2 * 10) = 2: the counts 9 and 7.
-    assert popular_items(counts) == {"item00", "item08"}
-    # 0.3 * 10 = 3: next comes a tie at count 5, broken by key order.
-    assert popular_items(counts, fraction=0.3) == {"item00", "item08", "item02"}
-    # ceil(0.25 * 10) = 3 as well.
-    assert popular_items(counts, fraction=0.25) == {"item00", "item08", "item02"}
+    # ceil(0.2 * 11) = 3 of the catalogue (not of the 10 seen items: that is 2): the counts
+    # 9 and 7, then the tie at 5 goes to item02, which appears first.
+    assert popular_items(counts) == {"item00", "item08", "item02"}
+    # The tie follows the mapping's order, not the keys' order.
+    reordered = {"item03": 5, **{k: v for k, v in counts.items() if k != "item03"}}
+    assert popular_items(reordered) == {"item00", "item08", "item03"}
+    # A catalogue mostly never seen: the top 20% would reach count 0, and an item never a
+    # training target is never popular.
+    assert popular_items({"a": 2, "b": 0, "c": 0, "d": 0, "e": 0, "f": 0}, 0.5) == {"a"}
 
 
-def test_popular_items_rounding_edges():
-    counts = {i: 100 - i for i in range(15)}
-    assert popular_items(counts) == {0, 1, 2}  # 0.2 * 15 is 3, not 3.0000000000000004 -> 4
-    assert popular_items({5: 1}) == {5}  # ceil: at least one popular item
-    assert popular_items({}) == set()
-    assert popular_items(counts, fraction=1.0) == set(range(15))
-    with pytest.raises(ValueError, match="expected 0 < fraction <= 1"):
-        popular_items(counts, fraction=0.0)
-    with pytest.raises(ValueError, match="expected non-negative frequencies"):
-        popular_items({1: -1})
+def test_catalogue_frequencies_hold_every_item_in_tie_breaking_order():
+    from fastlatent.data.example import Catalogue, Example
+    from fastlatent.data.sources import catalogue_frequencies
+
+    catalogue = Catalogue(("t0", "t1", "t2", "t3", "t4"))
+
+    def row(item):
+        return Example(user="u", history=("t0",), target=catalogue.titles[item],
+                       target_item=item)
+
+    freq = catalogue_frequencies([row(3), row(1), row(3), row(1), row(4)], catalogue)
+    assert list(freq.items()) == [(3, 2), (1, 2), (4, 1), (0, 0), (2, 0)]
+    assert popular_items(freq) == {3}  # ceil(0.2 * 5) = 1; the tie at 2 goes to item 3
 
 
 # ---- the popularity baseline and comparisons against it -------------------------------

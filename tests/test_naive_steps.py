@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastlatent.data.batch import collate
-from fastlatent.engine.grpo import latent_grpo_loss, ppl_rewards, sample_noise
+from fastlatent.engine.grpo import latent_grpo_loss, negative_perplexity, sample_noise
 from fastlatent.ops.positions import positions_from_mask
 from fastlatent.rl import freeze_llm
 from fastlatent.testing.naive_steps import (
@@ -69,7 +69,7 @@ def test_sft_without_latent_has_no_thought_token(synthetic_dataset):
         expected = -sum(float(row_logprobs(reasoner, batch, i, None).sum()) for i in range(3))
     torch.testing.assert_close(float(out.nll_sum), expected, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="latent"):
-        naive_rl_step(reasoner, batch, k=2, sigma=1.0)
+        naive_rl_step(reasoner, batch, noise=torch.zeros(3, 2, llm.config.hidden_size), sigma=1.0)
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -77,7 +77,7 @@ def test_rl_step_matches_rows_alone(tiny_reasoner, tiny_batch, k):
     freeze_llm(tiny_reasoner)
     b, d = len(tiny_batch), tiny_reasoner.llm.config.hidden_size
     noise = sample_noise(b, k, d, generator=torch.Generator().manual_seed(3))
-    out = naive_rl_step(tiny_reasoner, tiny_batch, k=k, sigma=1.5, noise=noise)
+    out = naive_rl_step(tiny_reasoner, tiny_batch, noise=noise, sigma=1.5)
     r = tiny_reasoner.latent(tiny_batch.prompt_ids, tiny_batch.prompt_mask)
     t = tiny_batch.target_ids.shape[1]
     expected = torch.zeros(b, k, t)
@@ -86,7 +86,7 @@ def test_rl_step_matches_rows_alone(tiny_reasoner, tiny_batch, k):
             logp = row_logprobs(tiny_reasoner, tiny_batch, i, r[i] + 1.5 * noise[i, j])
             expected[i, j, :len(logp)] = logp
     torch.testing.assert_close(out.token_logprobs, expected, rtol=1e-5, atol=1e-5)
-    exp_rewards = ppl_rewards(expected, tiny_batch.target_mask[:, None, :])
+    exp_rewards = negative_perplexity(expected, tiny_batch.target_mask[:, None, :])
     torch.testing.assert_close(out.rewards, exp_rewards, rtol=1e-5, atol=1e-5)
     if k == 1:  # r^0 is r itself: the noise row 0 is zero
         assert bool((noise[:, 0] == 0).all())
@@ -97,7 +97,7 @@ def test_rl_gradient_reaches_only_latent_ratt_and_matches_reference(tiny_reasone
     k, sigma = 4, 0.7
     noise = sample_noise(len(tiny_batch), k, tiny_reasoner.llm.config.hidden_size,
                          generator=torch.Generator().manual_seed(5))
-    out = naive_rl_step(tiny_reasoner, tiny_batch, k=k, sigma=sigma, noise=noise)
+    out = naive_rl_step(tiny_reasoner, tiny_batch, noise=noise, sigma=sigma)
     grads = torch.autograd.grad(out.loss, params, retain_graph=True)
     out.loss.backward()
     for name, p in tiny_reasoner.llm.named_parameters():
@@ -119,8 +119,9 @@ def test_rl_gradient_reaches_only_latent_ratt_and_matches_reference(tiny_reasone
                                            tiny_batch.target_ids)
         rows.append(logp * tiny_batch.target_mask)
     ref_logp = torch.stack(rows, dim=1)
-    ref_loss, ref_adv = latent_grpo_loss(ref_logp, tiny_batch.target_mask,
-                                         ppl_rewards(ref_logp, tiny_batch.target_mask[:, None]))
+    ref_loss, ref_adv = latent_grpo_loss(
+        ref_logp, tiny_batch.target_mask,
+        negative_perplexity(ref_logp.detach(), tiny_batch.target_mask[:, None]))
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out.advantages, ref_adv, rtol=1e-4, atol=1e-5)
     ref_grads = torch.autograd.grad(ref_loss, params)
@@ -129,12 +130,13 @@ def test_rl_gradient_reaches_only_latent_ratt_and_matches_reference(tiny_reasone
 
 
 def test_rl_step_rejects_bad_input(tiny_reasoner, tiny_batch):
-    with pytest.raises(ValueError, match="k >= 1"):
-        naive_rl_step(tiny_reasoner, tiny_batch, k=0, sigma=1.0)
+    b, d = len(tiny_batch), tiny_reasoner.llm.config.hidden_size
+    with pytest.raises(ValueError, match="K >= 1"):
+        naive_rl_step(tiny_reasoner, tiny_batch, noise=torch.zeros(b, 0, d), sigma=1.0)
     with pytest.raises(ValueError, match="noise"):
-        naive_rl_step(tiny_reasoner, tiny_batch, k=2, sigma=1.0, noise=torch.zeros(1, 2, 3))
+        naive_rl_step(tiny_reasoner, tiny_batch, noise=torch.zeros(1, 2, 3), sigma=1.0)
     bad = tiny_batch.select(slice(0, 2))
     bad.prompt_ids = bad.prompt_ids[:, :-1]
     bad.prompt_mask = bad.prompt_mask[:, :-1]
     with pytest.raises(ValueError, match="thought token"):
-        naive_rl_step(tiny_reasoner, bad, k=2, sigma=1.0)
+        naive_rl_step(tiny_reasoner, bad, noise=torch.zeros(2, 2, d), sigma=1.0)

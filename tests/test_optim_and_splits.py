@@ -49,6 +49,22 @@ def test_warmup_longer_than_the_run_is_scaled_to_the_release_share():
         fitted_warmup(1, 8, "eval")
 
 
+
+def test_a_warmup_as_given_is_kept():
+    """--rl-warmup-fit as-given keeps a warm-up longer than the run instead of fitting it
+    to the release's share (the stage's use of it: test_training_trains)."""
+    from fastlatent.train import parse_config
+
+    warmup, note = fitted_warmup(200, 40, "rl", "as-given")
+    assert warmup == 200 and "never reaches" in note
+    assert fitted_warmup(5, 40, "rl", "as-given") == (5, None)
+    with pytest.raises(ValueError, match="fit"):
+        fitted_warmup(5, 40, "rl", "literal")
+    cfg = parse_config(["--preset", "smoke", "--rl-warmup-steps", "50",
+                        "--rl-warmup-fit", "as-given"]).rl
+    assert (cfg.rl_warmup_steps, cfg.rl_warmup_fit) == (50, "as-given")
+
+
 def test_training_on_valid_holds_out_a_slice_of_it_never_test(synthetic_dataset):
     cfg = build_config("smoke", {"train_split": "valid", "eval_split": "test"})
     splits = choose_splits(synthetic_dataset, cfg)

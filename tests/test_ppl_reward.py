@@ -172,3 +172,39 @@ def test_non_finite_latents_are_a_clear_error_unless_unchecked(llm, bad):
     rewards = fastlatent.ppl_reward(llm, pid, pmask, latents, tid, tmask, check_finite=False)
     assert not bool(torch.isfinite(rewards[1, 2]))  # what the check exists to prevent
     assert bool(torch.isfinite(rewards[0]).all())
+
+
+def test_other_families_are_scored_in_float32_from_a_bf16_model(capsys):
+    """The spec's log-probs are float32: a bf16 model's body gives bf16 hidden states,
+    and the head is applied to them in float32 (the model's own logits are bf16, ~1e-2
+    off). One prompt, so that the batched rows hold no padding and the bf16 body sees
+    exactly the oracle's rows."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=97))
+    with torch.no_grad():  # logits of O(10), so that bf16 rounding shows
+        gpt2.get_output_embeddings().weight.mul_(30)
+    gpt2 = gpt2.to(torch.bfloat16).eval()
+    prompts, targets, latents = make_case(b=1, seed=4)
+    pid, pmask = pad(prompts, "right")
+    tid, tmask = pad(targets, "right")
+    _, logp = fastlatent.ppl_reward(gpt2, pid, pmask, latents, tid, tmask,
+                                    return_logprobs=True)
+    emb = gpt2.get_input_embeddings()
+    head = gpt2.get_output_embeddings().weight.float()
+    gap = 0.0
+    with torch.no_grad():
+        for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
+            for j in range(latents.shape[1]):
+                x = torch.cat((emb(p), latents[i, j].to(torch.bfloat16), emb(t)))[None]
+                hidden = gpt2.transformer(inputs_embeds=x).last_hidden_state[0]
+                start = len(p) + latents.shape[2] - 1
+                rows = slice(start, start + len(t))
+                want = torch.log_softmax(hidden[rows].float() @ head.T, -1)
+                want = want.gather(1, t[:, None])[:, 0]
+                own = target_logprobs_from_logits(
+                    gpt2(inputs_embeds=x).logits[0, rows], t)  # the bf16 logits' way
+                gap = max(gap, float((own - want).abs().max()))
+                torch.testing.assert_close(logp[i, j, :len(t)], want, rtol=0, atol=2e-5)
+    assert gap > 1e-3  # the bf16 logits' way is far outside the tolerance

@@ -10,7 +10,7 @@ import pytest
 import fastlatent
 from fastlatent.errors import CheckpointError, DataError
 from fastlatent.model.reasoner import LatentReasoner
-from fastlatent.recommend import Recommender, main, recommend
+from fastlatent.recommendation import Recommender, main, recommend
 from fastlatent.train import main as train
 
 EVAL_BEAMS, EVAL_BATCH, MAX_TOKENS = 5, 4, 24  # the smoke preset's evaluation settings
@@ -103,3 +103,23 @@ def test_cli_one_user_and_many(run, reasoner, tmp_path, capsys):
 def test_cli_names_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path), "--history", "x"]) == 1
     assert "is not a fastlatent checkpoint" in capsys.readouterr().err
+
+
+def test_the_function_and_the_command_line_share_a_name_without_a_module_swap():
+    """fastlatent.recommend is a plain function; python -m fastlatent.recommend is the
+    command line; importing the command-line file is refused (it would replace the
+    function with a module)."""
+    import subprocess
+    import sys
+    import types
+
+    import fastlatent.recommendation
+
+    assert isinstance(fastlatent.recommend, types.FunctionType)
+    assert fastlatent.recommend is fastlatent.recommendation.recommend
+    with pytest.raises(ImportError, match="fastlatent.recommendation"):
+        import fastlatent.recommend  # noqa: F401
+    assert isinstance(fastlatent.recommend, types.FunctionType)
+    done = subprocess.run([sys.executable, "-m", "fastlatent.recommend", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--checkpoint" in done.stdout

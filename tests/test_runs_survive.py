@@ -41,7 +41,7 @@ def train(out, *extra, stage=None, at=None, sig="SIGKILL"):
     if stage is None:
         cmd = [sys.executable, "-m", "fastlatent.train", *args]
     else:
-        function = "decode_title" if stage == "eval" else "clipped_update"
+        function = "title_of" if stage == "eval" else "clipped_update"
         module = "evaluate" if stage == "eval" else stage
         code = cli_with_fault(module, function, at, signal_self(sig))
         cmd = [sys.executable, "-c", code, *args]

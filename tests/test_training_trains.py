@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 
 import pytest
 import torch
@@ -92,6 +93,24 @@ def test_rl_updates_latent_ratt_only(tiny_reasoner, encoded, tmp_path):
     assert changed(before_ratt, tiny_reasoner.ratt) == set(before_ratt)
 
 
+@pytest.mark.parametrize("fit,warmup", [("as-given", 50), ("fitted", 1)])
+def test_rl_uses_a_long_warmup_as_given_or_fits_it(tiny_reasoner, encoded, tmp_path, fit,
+                                                   warmup):
+    cfg = RLConfig(rl_lr=1e-3, rl_batch_size=4, rl_max_steps=2, rl_warmup_steps=50,
+                   num_samples=2, rl_warmup_fit=fit)
+    log = StepLog(tmp_path / "log.jsonl")
+    result = run_rl(tiny_reasoner, encoded, cfg, grad_clip=1.0, output_dir=tmp_path, log=log,
+                    seed=0)
+    log.close()
+    assert result.warmup_steps == warmup
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["event"] == "step"]
+    if fit == "as-given":  # still climbing at the end: 0/50 and 1/50 of the peak
+        assert lrs == pytest.approx([0.0, 1e-3 / 50])
+    else:  # the release's share of 2 steps rounds to 1 warm-up step: the peak at step 2
+        assert lrs == pytest.approx([0.0, 1e-3])
+
+
 # ---- micro-batches accumulate to exactly one full batch -------------------------------
 @pytest.mark.parametrize("micro", [1, 3, 16], ids=["micro1", "micro3", "full"])
 def test_sft_micro_batches_accumulate_to_the_full_batch_gradient(tiny_reasoner, encoded,
@@ -141,7 +160,7 @@ def test_rl_micro_batches_accumulate_to_the_full_batch_gradient(tiny_reasoner, e
     d = tiny_reasoner.llm.config.hidden_size
     noise = sample_noise(len(batch), 4, d, generator=torch.Generator().manual_seed(3))
     ref = naive_rl_step(tiny_reasoner, collate(batch, tiny_reasoner.tokenizer.pad_token_id),
-                        k=4, sigma=0.7, pool=pool, noise=noise)
+                        noise=noise, sigma=0.7, pool=pool)
     ref.loss.backward()
     torch.testing.assert_close(out.advantages, ref.advantages, rtol=0, atol=3e-3)
     assert_same_gradients(out_grads, grads(params), rtol=0, atol=1e-3)

@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from fastlatent.data.csv_layout import load_csv_dir
-from fastlatent.data.example import Dataset, Example
+from fastlatent.data.example import Catalogue, Dataset, Example
 from fastlatent.data.movielens import load_movielens_100k
 from fastlatent.data.synthetic import make_synthetic
 
@@ -53,6 +53,19 @@ def item_key(example: Example) -> int | str:
 
 
 def item_frequencies(examples: Sequence[Example]) -> Counter[int | str]:
-    """How often each item is a target (keyed by :func:`item_key`). Popular items are the
-    top 20% of this count."""
+    """How often each item is a target (keyed by :func:`item_key`), in the order of each
+    item's first appearance in ``examples``."""
     return Counter(item_key(ex) for ex in examples)
+
+
+def catalogue_frequencies(examples: Sequence[Example], catalogue: Catalogue
+                          ) -> dict[int | str, int]:
+    """How often each catalogue item is a target in ``examples`` (the training rows),
+    every item included (0 for one never a target), in the order that breaks ties of
+    popularity: the items that were targets in the order of their first appearance, then
+    the others in catalogue order. Keyed by item id, or by title when the rows carry no
+    ids (:func:`item_key`)."""
+    counts = dict(item_frequencies(examples))
+    by_id = any(ex.target_item is not None for ex in examples) or not examples
+    keys = range(len(catalogue.titles)) if by_id else catalogue.distinct_titles
+    return {**counts, **{key: 0 for key in keys if key not in counts}}

@@ -8,6 +8,8 @@ unambiguous: "A" EOS and "A" "B" EOS are different paths.
 Nodes are numbered in insertion order; node 0 is the root (the empty prefix). The same
 numbering is used by :meth:`TitleTrie.walk` and :meth:`TitleTrie.to_csr`, so a tensor
 engine can step through the CSR arrays and the Python trie interchangeably.
+:class:`TrieTensors` holds those arrays on a device and owns the lookup of a batch of
+nodes' children, which beam search and greedy decoding step with.
 """
 
 from __future__ import annotations
@@ -32,19 +34,31 @@ class TitleTrie:
     children: list[dict[int, int]] = field(default_factory=lambda: [{}])
     num_sequences: int = 0
     max_length: int = 0  # tokens in the longest sequence, EOS included
+    labels: dict[tuple[int, ...], str] = field(default_factory=dict)  # path -> its title
 
     @classmethod
-    def from_sequences(cls, seqs: Iterable[Sequence[int]], eos_token_id: int) -> TitleTrie:
+    def from_sequences(cls, seqs: Iterable[Sequence[int]], eos_token_id: int,
+                       labels: Iterable[str] | None = None) -> TitleTrie:
         """Build the trie of ``seqs``; each must be non-empty, end in EOS and hold EOS
-        nowhere else. Duplicates are stored once. An empty collection is an error."""
+        nowhere else. Duplicates are stored once. An empty collection is an error.
+        ``labels``: one per sequence, the title it encodes (:meth:`label` maps a complete
+        path back to it; of two titles with one path, the first)."""
         trie = cls(eos_token_id=int(eos_token_id))
         inserted_any = False
+        names = iter(labels) if labels is not None else None
         for seq in seqs:
             trie._insert(seq)
+            if names is not None:
+                trie.labels.setdefault(tuple(int(t) for t in seq), next(names))
             inserted_any = True
         if not inserted_any:
             raise ValueError("expected at least one sequence, got none")
         return trie
+
+    def label(self, path: Sequence[int]) -> str | None:
+        """The title a complete path (EOS included) was built from, or None (a path cut
+        short, or a trie built without labels)."""
+        return self.labels.get(tuple(int(t) for t in path))
 
     def _insert(self, seq: Sequence[int]) -> None:
         tokens = [int(t) for t in seq]
@@ -130,3 +144,72 @@ class TitleTrie:
             torch.tensor(tokens, dtype=torch.int64),
             torch.tensor(nodes, dtype=torch.int64),
         )
+
+
+@dataclass
+class TrieTensors:
+    """A :class:`TitleTrie`'s CSR arrays on a device (see :meth:`TitleTrie.to_csr`) and the
+    lookup of a batch of nodes' children. A node is an int64 id; -1 stands for off the
+    trie, which has no children."""
+
+    offsets: torch.Tensor  # [num_nodes + 1] int64
+    child_tokens: torch.Tensor  # [E] int64
+    child_nodes: torch.Tensor  # [E] int64
+    eos_token_id: int
+    max_length: int = 0  # tokens in the trie's longest path, EOS included
+
+    @classmethod
+    def from_trie(cls, trie: TitleTrie, vocab_size: int, device: torch.device) -> TrieTensors:
+        offsets, tokens, nodes = trie.to_csr()
+        if int(tokens.max()) >= vocab_size:
+            raise ValueError(f"expected trie token ids below the vocabulary size {vocab_size}, "
+                             f"got {int(tokens.max())}")
+        return cls(offsets.to(device), tokens.to(device), nodes.to(device), trie.eos_token_id,
+                   trie.max_length)
+
+    def children(self, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The children of ``nodes`` [R] as CSR slices: ``(start, count)``, both [R] int64;
+        node ``nodes[r]``'s children are edges ``start[r] .. start[r] + count[r] - 1`` of
+        ``child_tokens`` / ``child_nodes``. ``count`` is 0 off the trie."""
+        safe = nodes.clamp(min=0)
+        start = self.offsets[safe]
+        return start, torch.where(nodes >= 0, self.offsets[safe + 1] - start, 0)
+
+    def only_child(self, nodes: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per node of ``nodes`` [R]: ``(count, token, child)``, all [R] int64: how many
+        children it has, and where that is exactly one, the edge's token and the child node
+        it leads to (-1 in both elsewhere)."""
+        start, count = self.children(nodes)
+        one = count == 1
+        edge = torch.where(one, start, 0)
+        return (count, torch.where(one, self.child_tokens[edge], -1),
+                torch.where(one, self.child_nodes[edge], -1))
+
+    def expand(self, nodes: torch.Tensor) -> Expansion:
+        """Allowed continuations of beams at ``nodes`` [R] (-1 = off the trie).
+
+        A node without children (a finished title) or off the trie allows EOS only,
+        leading off the trie. Returns an :class:`Expansion` of shape [R, C], C >= 2.
+        """
+        start, count = self.children(nodes)
+        width = max(2, int(count.max()))
+        slot = torch.arange(width, device=nodes.device)
+        has_child = slot < count[:, None]  # [R, C]
+        edge = torch.where(has_child, start[:, None] + slot, 0)
+        eos_only = (count == 0)[:, None] & (slot == 0)
+        return Expansion(
+            tokens=torch.where(has_child, self.child_tokens[edge], self.eos_token_id),
+            nodes=torch.where(has_child, self.child_nodes[edge], -1),
+            valid=has_child | eos_only,
+        )
+
+
+@dataclass
+class Expansion:
+    """Continuations per beam row, padded: ``tokens``, ``nodes`` (the child node, -1 off
+    the trie) and ``valid`` (False = padding slot), all [R, C]."""
+
+    tokens: torch.Tensor
+    nodes: torch.Tensor
+    valid: torch.Tensor

@@ -17,18 +17,16 @@ log-probs) is ``fastlatent.testing.exact_match``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from fastlatent.data.batch import Batch
-from fastlatent.engine.beam_search import TrieTensors
+from fastlatent.data.trie import TrieTensors
 from fastlatent.engine.decoder import Decoder, PrefixCache
-from fastlatent.engine.grpo import latent_grpo_loss, sample_noise
 from fastlatent.engine.latents import chain_latents
 from fastlatent.engine.scoring import score_targets
-from fastlatent.engine.steps import RLStepOutput
+from fastlatent.engine.steps import RLStepOutput, check_noise
 from fastlatent.model.reasoner import LatentReasoner
 
 _OFF = -1  # no token in this slot of a forced run
@@ -53,15 +51,12 @@ def _forced_runs(trie_t: TrieTensors, first: torch.Tensor, nodes: torch.Tensor,
     runs = [first]
     ended = first == eos
     for _ in range(limit - 1):
-        safe = nodes.clamp(min=0)
-        start = trie_t.offsets[safe]
-        count = torch.where(nodes >= 0, trie_t.offsets[safe + 1] - start, 0)
+        count, token, child = trie_t.only_child(nodes)
         forced = (count == 1) & ~ended
         if not bool(forced.any()):
             break
-        token = trie_t.child_tokens[start]
         runs.append(torch.where(forced, token, _OFF))
-        nodes = torch.where(forced, trie_t.child_nodes[start], nodes)
+        nodes = torch.where(forced, child, nodes)
         ended = ended | (forced & (token == eos))
     return torch.stack(runs, dim=1), torch.where(ended, -1, nodes)
 
@@ -131,38 +126,30 @@ def exact_match_rewards(answers: Answers, target_ids: torch.Tensor,
     return same.all(dim=1).float()
 
 
-def exact_match_rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma: float,
-                        trie: TrieTensors, pool: str = "group",
-                        noise: torch.Tensor | None = None,
-                        generator: torch.Generator | None = None, eps: float | None = None,
-                        advantages: torch.Tensor | None = None,
-                        pool_rewards: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                        train_llm: bool = False, decoder: Decoder | None = None,
+def exact_match_rl_step(reasoner: LatentReasoner, batch: Batch, *, noise: torch.Tensor,
+                        sigma: float, trie: TrieTensors, train_llm: bool = False,
+                        decoder: Decoder | None = None,
                         backend: str | None = None) -> RLStepOutput:
-    """The original GRPO's loss for one micro-batch; the contract of
-    :func:`fastlatent.engine.steps.rl_step` (same noise, same advantage arguments), with
-    rewards in {0, 1} and ``token_logprobs`` [B, K, S] over each row's written title.
+    """The original GRPO's forward for one micro-batch; the contract of
+    :func:`fastlatent.engine.steps.rl_step` (same noise), with rewards in {0, 1} and
+    ``token_logprobs`` [B, K, S] over each row's written title (``mask`` [B, K, S]).
 
     A no-grad pass encodes the prompts once and decodes every row (see
     :func:`greedy_titles`); a second pass scores the written tokens with gradients to
     LatentRATT (and, with ``train_llm``, to the LLM through the prompt and the answer).
     """
+    if not reasoner.uses_latent:
+        raise ValueError("RL needs a latent: this model was built with latent='none'")
+    b, d = len(batch), reasoner.llm.config.hidden_size
+    k = check_noise(noise, b, d)
     if k < 2:
         raise ValueError(f"the exact-match reward compares a prompt's K rows: expected "
                          f"k >= 2, got {k}")
-    if not reasoner.uses_latent:
-        raise ValueError("RL needs a latent: this model was built with latent='none'")
     reasoner.check_prompt(batch.prompt_ids, batch.prompt_mask)
     decoder = decoder or Decoder(reasoner.llm)
-    b, d = len(batch), reasoner.llm.config.hidden_size
     ids, mask = batch.prompt_ids[:, :-1], batch.prompt_mask[:, :-1]
     with torch.no_grad():
         prefix = decoder.prefix(ids, mask)
-    if noise is None:
-        noise = sample_noise(b, k, d, generator=generator, device=prefix.hidden.device)
-    if noise.shape != (b, k, d):
-        raise ValueError(f"expected noise [{b}, {k}, {d}], got {tuple(noise.shape)}")
-    with torch.no_grad():
         first = reasoner.thought(prefix.hidden, prefix.hidden_mask, noise=noise, sigma=sigma)
         latents = chain_latents(reasoner, decoder, prefix, first.reshape(b * k, d), k)
         answers = greedy_titles(decoder, prefix, latents, trie, k, trie.max_length)
@@ -176,8 +163,4 @@ def exact_match_rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma
     answer_ids, answer_mask = answers.token_ids[:, :span], answers.mask[:, :span]
     logp = score_targets(decoder, prefix, latents, answer_ids, answer_mask, k,
                          backend=backend)
-    token_logprobs = logp.view(b, k, -1)
-    loss, advantages = latent_grpo_loss(token_logprobs, answer_mask.view(b, k, -1), rewards,
-                                        pool=pool, eps=eps, advantages=advantages,
-                                        pool_rewards=pool_rewards)
-    return RLStepOutput(loss, rewards, advantages, token_logprobs.detach())
+    return RLStepOutput(logp.view(b, k, -1), answer_mask.view(b, k, -1), rewards)

@@ -23,13 +23,15 @@ from fastlatent.engine.beam_search import TrieTensors, engine_beam_search
 from fastlatent.engine.decoder import Decoder, UnsupportedModelError
 from fastlatent.engine.exact_match import exact_match_rl_step
 from fastlatent.engine.generate_search import generate_beam_search
-from fastlatent.engine.grpo import (
-    latent_grpo_loss,
-    ppl_rewards,
-    sample_noise,
+from fastlatent.engine.grpo import negative_perplexity
+from fastlatent.engine.scoring import body_hidden, fp32_logits, target_logprobs_from_logits
+from fastlatent.engine.steps import (
+    RLStepOutput,
+    SFTStepOutput,
+    check_noise,
+    rl_step,
+    sft_step,
 )
-from fastlatent.engine.scoring import target_logprobs_from_logits
-from fastlatent.engine.steps import RLStepOutput, SFTStepOutput, rl_step, sft_step
 from fastlatent.model.reasoner import LatentReasoner
 from fastlatent.ops.positions import positions_from_mask
 
@@ -40,40 +42,33 @@ def generic_sft_step(reasoner: LatentReasoner, batch: Batch) -> SFTStepOutput:
     prompt, prompt_mask = reasoner.prompt_inputs(batch.prompt_ids, batch.prompt_mask)
     embeds = torch.cat((prompt, reasoner.embed(batch.target_ids)), dim=1)
     mask = torch.cat((prompt_mask, batch.target_mask), dim=1)
-    logits = reasoner.llm(inputs_embeds=embeds, attention_mask=mask,
-                          position_ids=positions_from_mask(mask), use_cache=False).logits
+    logits = fp32_logits(reasoner.llm, body_hidden(
+        reasoner.llm, inputs_embeds=embeds, attention_mask=mask,
+        position_ids=positions_from_mask(mask)))
     length, t = prompt.shape[1], batch.target_ids.shape[1]
     logp = target_logprobs_from_logits(logits[:, length - 1:length - 1 + t], batch.target_ids)
     weight = batch.target_mask.to(logp.dtype)
     return SFTStepOutput(-(logp * weight).sum(), int(batch.target_mask.sum()))
 
 
-def generic_rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma: float,
-                  pool: str = "batch", noise: torch.Tensor | None = None,
-                  generator: torch.Generator | None = None, eps: float | None = None,
-                  advantages: torch.Tensor | None = None,
-                  pool_rewards: Callable[[torch.Tensor], torch.Tensor] | None = None
-                  ) -> RLStepOutput:
-    """Latent GRPO loss for one micro-batch (= the advantage pool), straightforwardly.
+def generic_rl_step(reasoner: LatentReasoner, batch: Batch, *, noise: torch.Tensor,
+                    sigma: float) -> RLStepOutput:
+    """Token log-probs and perplexity rewards of the K latent rows of each prompt,
+    straightforwardly.
 
     r from one prefix pass (the LLM is frozen, so without gradient); then, for each
     prompt, one forward over its K full rows [prompt, r + sigma*eps_k (+ further latents),
-    target] with full logits; rewards from that same pass. ``noise`` [B, K, d] overrides
-    sampling (row 0 must be zero for r^0 = r).
+    target]; log-probs from the LM head in float32 over the target positions. ``noise``
+    eps [B, K, d] (row 0 zero for r^0 = r).
     """
-    if k < 1:
-        raise ValueError(f"expected k >= 1, got {k}")
     if not reasoner.uses_latent:
         raise ValueError("RL needs a latent: this model was built with latent='none'")
     reasoner.check_prompt(batch.prompt_ids, batch.prompt_mask)
     b, d = len(batch), reasoner.llm.config.hidden_size
+    k = check_noise(noise, b, d)
     with torch.no_grad():
         hidden = reasoner.prefix_hidden(batch.prompt_ids, batch.prompt_mask)
     r = reasoner.thought(hidden, batch.prompt_mask[:, :-1])  # [B, d] fp32, grad to LatentRATT
-    if noise is None:
-        noise = sample_noise(b, k, d, generator=generator, device=r.device)
-    if noise.shape != (b, k, d):
-        raise ValueError(f"expected noise [{b}, {k}, {d}], got {tuple(noise.shape)}")
     latents = r[:, None] + sigma * noise.to(r)  # [B, K, d]
     t = batch.target_ids.shape[1]
     rows = []
@@ -83,21 +78,18 @@ def generic_rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int, sigma: fl
         n_prompt, n_target = prompt_ids.numel(), target_ids.numel()
         prompt = reasoner.embed(prompt_ids)[None].expand(k, -1, -1)
         target = reasoner.embed(target_ids)[None].expand(k, -1, -1)
-        chain = reasoner.chain_latents(prompt, torch.ones(k, n_prompt, dtype=torch.long,
-                                                          device=prompt.device), latents[i])
+        ones = torch.ones(k, n_prompt, dtype=torch.long, device=prompt.device)
+        chain = reasoner.full_sequence_latents(prompt, ones, latents[i])
         n_latent = chain.shape[1]
         embeds = torch.cat((prompt, chain.to(prompt.dtype), target), dim=1)
-        logits = reasoner.llm(inputs_embeds=embeds, use_cache=False).logits
+        logits = fp32_logits(reasoner.llm, body_hidden(reasoner.llm, inputs_embeds=embeds))
         first = n_prompt + n_latent - 1  # the first target is predicted at the last latent
         logp = target_logprobs_from_logits(logits[:, first:first + n_target],
                                            target_ids[None].expand(k, -1))
         rows.append(torch.nn.functional.pad(logp, (0, t - n_target)))
     token_logprobs = torch.stack(rows)  # [B, K, T]
-    rewards = ppl_rewards(token_logprobs, batch.target_mask[:, None, :])
-    loss, advantages = latent_grpo_loss(token_logprobs, batch.target_mask, rewards, pool=pool,
-                                        eps=eps, advantages=advantages,
-                                        pool_rewards=pool_rewards)
-    return RLStepOutput(loss, rewards, advantages, token_logprobs.detach())
+    rewards = negative_perplexity(token_logprobs.detach(), batch.target_mask[:, None, :])
+    return RLStepOutput(token_logprobs, batch.target_mask, rewards)
 
 
 def _unsupported(reasoner: LatentReasoner) -> UnsupportedModelError | None:

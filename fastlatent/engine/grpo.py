@@ -1,11 +1,12 @@
 """Latent GRPO arithmetic: perplexity reward, pooled advantage, loss (LATENTR3.md, Eq. 7-8).
 
-Pure functions on tensors, shared by the naive oracle and every fast path.
+Pure functions on tensors. A training step (engine or generic) returns token log-probs
+and rewards; its caller (:func:`fastlatent.rl.accumulate_rl_gradients`) pools the rewards
+of the whole optimiser batch, computes the advantages once with :func:`grpo_advantages`
+and builds the loss with :func:`grpo_loss`.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 
@@ -21,15 +22,11 @@ def mean_token_logprob(token_logprobs: torch.Tensor, target_mask: torch.Tensor) 
     return (token_logprobs * mask).sum(-1) / counts
 
 
-def perplexity_reward(token_logprobs: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-    """s = -exp(-(1/|y|) sum_i log pi(y_i)) = -PPL, in float32 (differentiable)."""
+def negative_perplexity(token_logprobs: torch.Tensor, target_mask: torch.Tensor
+                        ) -> torch.Tensor:
+    """s = -exp(-(1/|y|) sum_i log pi(y_i)) = -PPL per row, in float32 (differentiable:
+    pass detached log-probs for a GRPO reward, which is a constant)."""
     return -torch.exp(-mean_token_logprob(token_logprobs.float(), target_mask))
-
-
-def ppl_rewards(token_logprobs: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-    """:func:`perplexity_reward` without gradient (the GRPO reward is a constant)."""
-    with torch.no_grad():
-        return perplexity_reward(token_logprobs, target_mask)
 
 
 BATCH_EPS = 1e-6  # Eq. 7's denominator guard (the release's value)
@@ -62,36 +59,15 @@ def grpo_advantages(rewards: torch.Tensor, *, pool: str = "batch",
     return centered / (std + (GROUP_EPS if eps is None else eps))
 
 
-def latent_grpo_loss(token_logprobs: torch.Tensor, target_mask: torch.Tensor,
-                     rewards: torch.Tensor, *, pool: str = "batch",
-                     eps: float | None = None, advantages: torch.Tensor | None = None,
-                     pool_rewards: Callable[[torch.Tensor], torch.Tensor] | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """loss = -(1/(B*K)) sum_b sum_k A_bk * mean_t log pi(y_t | x_b, r^k_b).
+def grpo_loss(token_logprobs: torch.Tensor, target_mask: torch.Tensor,
+              advantages: torch.Tensor) -> torch.Tensor:
+    """loss = -(1/(B*K)) sum_b sum_k A_bk * mean_t log pi(y_t | x_b, r^k_b) (Eq. 8).
 
-    token_logprobs [B, K, T] (with gradient), target_mask [B, T] (or [B, K, T] when each
-    row scores its own tokens, as the exact-match reward's written titles), rewards [B, K].
-    ``advantages`` [B, K], when given, were pooled by the caller over more than these
-    rows (the optimiser batch) and are used as they are. ``pool_rewards``, when given,
-    maps these rows' rewards to their advantages pooled over rows held elsewhere (other
-    processes' share of the batch): the loss is then built from this same pass.
+    token_logprobs [B, K, T] (with gradient), target_mask [B, T] (one target per prompt)
+    or [B, K, T] (each row scores its own tokens, as the exact-match reward's written
+    titles), advantages [B, K] (constants: pooled by the caller over the optimiser batch).
     The importance ratio of Eq. 8 is 1 in value (one update per batch) and is omitted.
-    Returns (loss, advantages [B, K]).
     """
-    if token_logprobs.dim() != 3 or rewards.shape != token_logprobs.shape[:2]:
-        raise ValueError(f"expected token_logprobs [B, K, T] and rewards [B, K], got "
-                         f"{tuple(token_logprobs.shape)} and {tuple(rewards.shape)}")
-    if pool_rewards is not None:
-        advantages = pool_rewards(rewards.detach()).to(rewards.device)
-    if advantages is None:
-        advantages = grpo_advantages(rewards, pool=pool, eps=eps)
-    return grpo_loss_given_advantages(token_logprobs, target_mask, advantages), advantages
-
-
-def grpo_loss_given_advantages(token_logprobs: torch.Tensor, target_mask: torch.Tensor,
-                               advantages: torch.Tensor) -> torch.Tensor:
-    """The loss of :func:`latent_grpo_loss` with advantages [B, K] computed elsewhere (e.g.
-    over a pool larger than this micro-batch: the optimiser batch)."""
     if token_logprobs.dim() != 3 or advantages.shape != token_logprobs.shape[:2]:
         raise ValueError(f"expected token_logprobs [B, K, T] and advantages [B, K], got "
                          f"{tuple(token_logprobs.shape)} and {tuple(advantages.shape)}")
@@ -102,6 +78,19 @@ def grpo_loss_given_advantages(token_logprobs: torch.Tensor, target_mask: torch.
     mask = target_mask if target_mask.dim() == 3 else target_mask[:, None, :]
     per_row = mean_token_logprob(token_logprobs.float(), mask)
     return -(advantages.detach().float() * per_row).mean()
+
+
+def latent_grpo_loss(token_logprobs: torch.Tensor, target_mask: torch.Tensor,
+                     rewards: torch.Tensor, *, pool: str = "batch", eps: float | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The public one-call form for a pool that is exactly these rows: advantages from
+    ``rewards`` [B, K] (:func:`grpo_advantages`), then :func:`grpo_loss`.
+    Returns (loss, advantages [B, K])."""
+    if token_logprobs.dim() != 3 or rewards.shape != token_logprobs.shape[:2]:
+        raise ValueError(f"expected token_logprobs [B, K, T] and rewards [B, K], got "
+                         f"{tuple(token_logprobs.shape)} and {tuple(rewards.shape)}")
+    advantages = grpo_advantages(rewards, pool=pool, eps=eps)
+    return grpo_loss(token_logprobs, target_mask, advantages), advantages
 
 
 def sample_noise(batch: int, k: int, dim: int, *, generator: torch.Generator | None = None,

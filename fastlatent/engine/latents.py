@@ -4,7 +4,7 @@ Latent 1 is r (or r + sigma*eps in RL, one row per sample); latent j+1 is the re
 latent module (LatentRATT, or the last hidden state for "w/o LatentRATT") over the final
 hidden states of [prompt, latents 1..j], with its query at latent j's position, without
 noise. Each extra latent costs one suffix step per row against the prompt's cache; the
-straightforward twin is :meth:`LatentReasoner.chain_latents`.
+straightforward twin is :meth:`LatentReasoner.full_sequence_latents`.
 """
 
 from __future__ import annotations

@@ -15,10 +15,37 @@ from fastlatent.ops.fused_logprob import fused_logprob
 
 
 def target_logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] in float32 from full logits [..., V] (the fallback for
-    models the Decoder does not cover, and the naive oracles)."""
+    """log softmax(logits)[target] in float32 from full logits [..., V] (the naive
+    oracles' and the full-sequence path's last step)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     return logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+
+
+def body_hidden(model: torch.nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
+    """The last hidden states [R, L, d] (final norm applied) of one forward of the
+    model's body (``model.base_model``): its own logits are never formed."""
+    return model.base_model(**inputs, use_cache=False).last_hidden_state
+
+
+def fp32_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits [..., V] in float32 from the body's hidden states [..., d]: the LM head in
+    float32, as the spec asks also for a bf16 model (whose own logits would be rounded to
+    bf16 first), then the logit transform of the families that have one (Cohere's
+    ``logit_scale``, Granite's ``logits_scaling``, Gemma 2's
+    ``final_logit_softcapping``). For a float32 model: its own logits, bit for bit."""
+    head = model.get_output_embeddings()
+    bias = getattr(head, "bias", None)
+    logits = torch.nn.functional.linear(hidden.float(), head.weight.float(),
+                                        None if bias is None else bias.float())
+    cfg = model.config
+    if getattr(cfg, "logit_scale", None) is not None:
+        logits = logits * cfg.logit_scale
+    if getattr(cfg, "logits_scaling", None):
+        logits = logits / cfg.logits_scaling
+    if getattr(cfg, "final_logit_softcapping", None):
+        cap = cfg.final_logit_softcapping
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def lm_head_weight(llm: torch.nn.Module) -> torch.Tensor:

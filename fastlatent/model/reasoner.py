@@ -85,11 +85,12 @@ class LatentReasoner(nn.Module):
         return self.llm.get_input_embeddings().weight.device
 
     @property
-    def decoder(self) -> nn.Module:
-        """The transformer body whose output is the final-norm hidden state."""
+    def body(self) -> nn.Module:
+        """The LLM's transformer body (HF ``base_model``: no LM head), whose output is the
+        final-norm hidden state. Not the engine's :class:`fastlatent.engine.decoder.Decoder`."""
         body = self.llm.base_model
         if body is self.llm:
-            raise ValueError(f"{type(self.llm).__name__} exposes no separate decoder body "
+            raise ValueError(f"{type(self.llm).__name__} exposes no separate transformer body "
                              "(base_model); fastlatent needs a causal LM with one")
         return body
 
@@ -118,8 +119,8 @@ class LatentReasoner(nn.Module):
         """Final-norm hidden states [B, L', d] of the prompt, thought column excluded."""
         ids, mask = (prompt_ids[:, :-1], prompt_mask[:, :-1]) if self.uses_latent else (
             prompt_ids, prompt_mask)
-        out = self.decoder(input_ids=ids, attention_mask=mask,
-                           position_ids=positions_from_mask(mask), use_cache=False)
+        out = self.body(input_ids=ids, attention_mask=mask,
+                        position_ids=positions_from_mask(mask), use_cache=False)
         return out.last_hidden_state
 
     def thought(self, hidden: torch.Tensor, mask: torch.Tensor, *,
@@ -141,8 +142,8 @@ class LatentReasoner(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.llm.get_input_embeddings()(ids)
 
-    def chain_latents(self, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor,
-                      first: torch.Tensor) -> torch.Tensor:
+    def full_sequence_latents(self, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor,
+                              first: torch.Tensor) -> torch.Tensor:
         """The ``num_latents`` latents of each row [R, N, d] float32, straightforwardly
         (full forwards of the model's own body; the engine does the same against a cache).
 
@@ -155,9 +156,9 @@ class LatentReasoner(nn.Module):
         for _ in range(1, self.config.num_latents):
             embeds = torch.cat((prompt_embeds, torch.stack(latents, 1).to(prompt_embeds)), 1)
             mask = torch.cat((prompt_mask, prompt_mask.new_ones(len(first), len(latents))), 1)
-            hidden = self.decoder(inputs_embeds=embeds, attention_mask=mask,
-                                  position_ids=positions_from_mask(mask),
-                                  use_cache=False).last_hidden_state
+            hidden = self.body(inputs_embeds=embeds, attention_mask=mask,
+                               position_ids=positions_from_mask(mask),
+                               use_cache=False).last_hidden_state
             latents.append(self.thought(hidden, mask))
         return torch.stack(latents, 1)
 
@@ -172,7 +173,7 @@ class LatentReasoner(nn.Module):
             return emb, prompt_mask
         if r is None:
             r = self.latent(prompt_ids, prompt_mask)
-        latents = self.chain_latents(emb[:, :-1], prompt_mask[:, :-1], r)
+        latents = self.full_sequence_latents(emb[:, :-1], prompt_mask[:, :-1], r)
         mask = torch.cat((prompt_mask[:, :-1],
                           prompt_mask.new_ones(len(r), self.config.num_latents)), 1)
         return torch.cat((emb[:, :-1], latents.to(emb.dtype)), dim=1), mask

@@ -61,8 +61,8 @@ def naive_exact_match_rl_step(reasoner: LatentReasoner, batch: Batch, *, k: int,
         ids = batch.prompt_ids[i, :-1][batch.prompt_mask[i, :-1].bool()]
         target = tuple(batch.target_ids[i][batch.target_mask[i].bool()].tolist())
         prompt = reasoner.embed(ids)[None].expand(k, -1, -1)
-        chain = reasoner.chain_latents(prompt, torch.ones(k, ids.numel(), dtype=torch.long),
-                                       latents[i]).to(prompt.dtype)  # [K, N, d]
+        ones = torch.ones(k, ids.numel(), dtype=torch.long)
+        chain = reasoner.full_sequence_latents(prompt, ones, latents[i]).to(prompt.dtype)
         row_answers = []
         for j in range(k):
             embeds = torch.cat((prompt[j:j + 1], chain[j:j + 1]), dim=1)

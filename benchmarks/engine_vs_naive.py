@@ -1,10 +1,10 @@
 """One RL step, one SFT step and one evaluation batch: engine vs the naive oracles.
 
-    python benchmarks/rl_step.py --json                       # SmolLM2-135M, 8 ml-100k prompts, K=8
-    python benchmarks/rl_step.py --template latentr3 --json   # the release's prompt wording
-    python benchmarks/rl_step.py --data csv:../shared/data/amazon-cds --train-split valid \
-        --template latentr3 --json                            # the paper's CDs prompts
-    python benchmarks/rl_step.py --model qwen2.5-1.5b-random --device cuda --json
+    python benchmarks/engine_vs_naive.py --json              # SmolLM2-135M, 8 ml-100k prompts, K=8
+    python benchmarks/engine_vs_naive.py --template latentr3 --json   # the release's wording
+    python benchmarks/engine_vs_naive.py --data csv:../shared/data/amazon-cds --train-split valid \
+        --template latentr3 --json                               # the paper's CDs prompts
+    python benchmarks/engine_vs_naive.py --model qwen2.5-1.5b-random --device cuda --json
 
 Each path runs in its own subprocess, so one path's peak memory cannot hide another's:
 on the CPU peak RSS (VmHWM, reset after loading) minus the RSS after loading; on CUDA
@@ -16,7 +16,7 @@ batch's common start once and each prompt's own tokens once; the naive RL step e
 every prompt once for r and again in each of its K rows, the naive SFT step twice,
 HF beam search once for r and once per beam).
 
-    python benchmarks/rl_step.py --nproc 2 --json             # data parallel: 1 vs 2 processes
+    python benchmarks/engine_vs_naive.py --nproc 2 --json    # data parallel: 1 vs 2 processes
 
 ``--nproc N`` times whole optimiser steps instead (``accumulate_rl_gradients`` /
 ``accumulate_sft_gradients`` over the global batch of --prompts, as the trainer runs them):
@@ -94,22 +94,23 @@ def path_function(name: str, reasoner, batch, eval_batch, trie, args):
     from fastlatent.engine.grpo import sample_noise
     from fastlatent.engine.steps import rl_step, sft_step
     from fastlatent.rl import freeze_llm
-    from fastlatent.testing.naive_steps import naive_rl_step, naive_sft_step
+    from fastlatent.testing.naive_steps import loss_of_one_pool, naive_rl_step, naive_sft_step
 
     stage, impl = name.split("-")
     tok = reasoner.tokenizer
     if stage == "rl":
         freeze_llm(reasoner)
-        noise = sample_noise(len(batch), args.k, reasoner.llm.config.hidden_size,
+        noise = sample_noise(len(batch), args.num_samples, reasoner.llm.config.hidden_size,
                              generator=torch.Generator().manual_seed(0), device=args.device)
         decoder = Decoder(reasoner.llm)
 
         def run():
             if impl == "naive":
-                out = naive_rl_step(reasoner, batch, k=args.k, sigma=1.5, noise=noise)
+                loss = naive_rl_step(reasoner, batch, noise=noise, sigma=1.5).loss
             else:
-                out = rl_step(reasoner, batch, k=args.k, sigma=1.5, noise=noise, decoder=decoder)
-            out.loss.backward()
+                out = rl_step(reasoner, batch, noise=noise, sigma=1.5, decoder=decoder)
+                loss, _ = loss_of_one_pool(out)
+            loss.backward()
             reasoner.ratt.zero_grad(set_to_none=True)
         return run
     if stage == "sft":
@@ -171,7 +172,7 @@ def data_parallel_function(name: str, reasoner, batch_rows, args):
     share = -(-len(batch_rows) // distributed.world_size())
     if name == "dp-rl":
         rl.freeze_llm(reasoner)
-        cfg = RLConfig(rl_batch_size=len(batch_rows), num_samples=args.k, sigma=1.5)
+        cfg = RLConfig(rl_batch_size=len(batch_rows), num_samples=args.num_samples, sigma=1.5)
         step = step_for(reasoner, "rl")
 
         def run():
@@ -264,7 +265,7 @@ def run_data_parallel(args, argv) -> dict:
             "rl_comm_share": results.get(f"dp-rl-{args.nproc}", {}).get("comm_share"),
             "sft_comm_share": results.get(f"dp-sft-{args.nproc}", {}).get("comm_share"),
             "device": args.device, "model": args.model, "dtype": args.dtype,
-            "batch": args.prompts, "k": args.k, "repeats": args.repeats, "paths": results}
+            "batch": args.prompts, "k": args.num_samples, "repeats": args.repeats, "paths": results}
 
 
 def prompt_token_counts(batch, eval_batch, k: int, num_beams: int) -> dict:
@@ -317,25 +318,32 @@ def worker(args) -> dict:
             "peak_bytes": max(0, peak - base),
             "prompt_tokens": int(batch.prompt_mask.sum()),
             "target_tokens": int(batch.target_mask.sum()),
-            "prompt_tokens_encoded": prompt_token_counts(batch, eval_batch, args.k, 10)}
+            "prompt_tokens_encoded": prompt_token_counts(batch, eval_batch, args.num_samples, 10)}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags :func:`setup` reads, shared with grpo_cost.py: model, data, prompts, K,
+    repeats, dtype and device."""
     parser.add_argument("--model", default="smollm2-135m",
                         help="smollm2-135m | smollm2-135m-random | qwen2.5-1.5b-random | ...")
     parser.add_argument("--data", default="movielens-100k", help="dataset spec (see train.py)")
-    parser.add_argument("--train-split", default="train", help="split of the RL/SFT prompts")
-    parser.add_argument("--eval-split", default="test", help="split of the beam-search users")
+    parser.add_argument("--train-split", default="train", help="split of the training prompts")
     parser.add_argument("--template", default="default", choices=("default", "latentr3"),
                         help="prompt wording (latentr3: the release's)")
-    parser.add_argument("--prompts", type=int, default=8, help="prompts per RL/SFT step")
-    parser.add_argument("--k", type=int, default=8, help="rows per prompt in RL")
-    parser.add_argument("--eval-users", type=int, default=4, help="users per beam-search batch")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    parser.add_argument("--num-samples", type=int, default=8,
+                        help="K: rows per prompt in RL (the trainer's --num-samples)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per path (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per path")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_setup_arguments(parser)
+    parser.add_argument("--eval-split", default="test", help="split of the beam-search users")
+    parser.add_argument("--eval-users", type=int, default=4, help="users per beam-search batch")
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset")
     parser.add_argument("--nproc", type=int, default=1,
                         help="> 1: time whole optimiser steps with 1 and with N processes "
@@ -393,7 +401,7 @@ def main(argv=None) -> int:
         "prompt_tokens_encoded_ratio": encoded_ratios(results),
         "template": args.template,
         "device": args.device, "model": args.model, "dtype": args.dtype,
-        "batch": args.prompts, "k": args.k, "eval_users": args.eval_users,
+        "batch": args.prompts, "k": args.num_samples, "eval_users": args.eval_users,
         "repeats": args.repeats, "paths": results,
     }
     if args.json:
