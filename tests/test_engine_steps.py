@@ -11,21 +11,7 @@ from fastlatent.engine.grpo import sample_noise
 from fastlatent.engine.steps import rl_step, sft_step
 from fastlatent.rl import freeze_llm
 from fastlatent.testing.naive_steps import loss_of_one_pool, naive_rl_step, naive_sft_step
-
-
-def grads_of(loss, params):
-    return torch.autograd.grad(loss, params, allow_unused=True)
-
-
-def assert_grads_close(got, ref, rtol=1e-4, atol=1e-5):
-    """Gradients compared after scaling by the reference's largest entry (fp32 sums of
-    advantage-weighted terms cancel, so elementwise relative error is not meaningful)."""
-    for g, r in zip(got, ref, strict=True):
-        if r is None:
-            assert g is None or float(g.abs().max()) == 0.0
-            continue
-        scale = float(r.abs().max()) + 1e-12
-        torch.testing.assert_close(g / scale, r / scale, rtol=rtol, atol=atol)
+from fastlatent.testing.op_checks import assert_grads_close, grads_of
 
 
 def test_sft_step_matches_two_pass_reference(tiny_reasoner, tiny_batch):

@@ -236,7 +236,7 @@ def test_resume_keeps_the_runs_configuration(saved_run, tmp_path, capsys):
 
 
 def test_data_warnings_are_reported_and_strict_makes_them_errors(tmp_path, capsys):
-    from tests.test_train_cli import write_csv_dir
+    from fastlatent.testing.toy_data import write_csv_dir
 
     titles = [f"Album {c}{c}" for c in "ABCDEFGH"]
     write_csv_dir(tmp_path / "data", ["valid", "test"], titles)

@@ -12,8 +12,7 @@ import torch
 
 from fastlatent.data.batch import Batch
 from fastlatent.engine.decoder import Decoder, common_prefix_length
-from fastlatent.testing.op_checks import FP32_TOL as TOL
-from tests.test_decoder import (
+from fastlatent.testing.decoder_models import (
     FAMILIES,
     VOCAB,
     build_config,
@@ -21,6 +20,7 @@ from tests.test_decoder import (
     reference_logits,
     suffix_batch,
 )
+from fastlatent.testing.op_checks import FP32_TOL as TOL
 
 LENGTHS = (7, 4, 6)  # the shortest prompt has 4 tokens
 COMMON = {"none": 0, "one": 1, "all-but-one": 3, "all": 4}
@@ -157,7 +157,7 @@ def test_sft_and_rl_steps_match_naive(tiny_reasoner, case):
     from fastlatent.engine.steps import rl_step, sft_step
     from fastlatent.rl import freeze_llm
     from fastlatent.testing.naive_steps import loss_of_one_pool, naive_rl_step, naive_sft_step
-    from tests.test_engine_steps import assert_grads_close, grads_of
+    from fastlatent.testing.op_checks import assert_grads_close, grads_of
 
     batch = batch_with_common_start(tiny_reasoner, COMMON[case])
     decoder = Decoder(tiny_reasoner.llm)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
 
 from fastlatent.config import build_config
+from fastlatent.testing.toy_data import write_csv_dir
 from fastlatent.train import build_parser, main, parse_config
 
 METRICS = {"hr@5", "hr@10", "ndcg@5", "ndcg@10"}
@@ -75,25 +75,6 @@ def test_smoke_end_to_end_then_eval_from_checkpoint(tmp_path):
     assert set(evaluated) == {"eval", "popular", "sasrec"}
     assert evaluated["eval"] == metrics["rl"]  # the checkpoint reproduces the run's model
     assert evaluated["popular"] == metrics["popular"]
-
-
-def write_csv_dir(root, splits, titles, rows_per_split=24):
-    (root / "info").mkdir(parents=True)
-    (root / "info" / "Toy_Music.txt").write_text(
-        "".join(f"{t}\t{i}\n" for i, t in enumerate(titles)))
-    header = ["user_id", "item_asins", "item_asin", "history_item_id", "item_id",
-              "history_item_title", "item_title", "history_rating", "rating",
-              "history_timestamp", "timestamp"]
-    for split in splits:
-        (root / split).mkdir()
-        with (root / split / "Toy_Music.csv").open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            for n in range(rows_per_split):
-                hist = [(n + j) % len(titles) for j in range(3)]
-                tgt = (n + 3) % len(titles)
-                w.writerow([f"u{n}", "[]", "x", str(hist), tgt, str([titles[h] for h in hist]),
-                            titles[tgt], "[]", 5.0, "[]", 1000 + n])
 
 
 @pytest.mark.slow

@@ -238,3 +238,18 @@ def latent_attention_inputs(b: int, length: int, d: int, pad: str, dtype: torch.
         scale = d ** -0.5 if i % 2 == 0 else 0.1
         tensors.append((torch.randn(*shape, generator=g) * scale).to(device))
     return hidden.to(dtype).to(device), mask.to(device), tensors
+
+
+def grads_of(loss, params):
+    return torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def assert_grads_close(got, ref, rtol=1e-4, atol=1e-5):
+    """Gradients compared after scaling by the reference's largest entry (fp32 sums of
+    advantage-weighted terms cancel, so elementwise relative error is not meaningful)."""
+    for g, r in zip(got, ref, strict=True):
+        if r is None:
+            assert g is None or float(g.abs().max()) == 0.0
+            continue
+        scale = float(r.abs().max()) + 1e-12
+        torch.testing.assert_close(g / scale, r / scale, rtol=rtol, atol=atol)
