@@ -47,9 +47,9 @@ class TitleTrie:
         inserted_any = False
         names = iter(labels) if labels is not None else None
         for seq in seqs:
-            trie._insert(seq)
+            path = trie._insert(seq)
             if names is not None:
-                trie.labels.setdefault(tuple(int(t) for t in seq), next(names))
+                trie.labels.setdefault(path, next(names))
             inserted_any = True
         if not inserted_any:
             raise ValueError("expected at least one sequence, got none")
@@ -60,14 +60,15 @@ class TitleTrie:
         short, or a trie built without labels)."""
         return self.labels.get(tuple(int(t) for t in path))
 
-    def _insert(self, seq: Sequence[int]) -> None:
-        tokens = [int(t) for t in seq]
+    def _insert(self, seq: Sequence[int]) -> tuple[int, ...]:
+        """Add ``seq``; returns it as a tuple of ints (the path's key)."""
+        tokens = tuple(int(t) for t in seq)
         if not tokens or tokens[-1] != self.eos_token_id:
             raise ValueError(
-                f"expected a sequence ending in eos {self.eos_token_id}, got {tokens}"
+                f"expected a sequence ending in eos {self.eos_token_id}, got {list(tokens)}"
             )
         if self.eos_token_id in tokens[:-1]:
-            raise ValueError(f"expected eos only as the last token, got {tokens}")
+            raise ValueError(f"expected eos only as the last token, got {list(tokens)}")
         self.max_length = max(self.max_length, len(tokens))
         node = ROOT
         for token in tokens:
@@ -79,6 +80,7 @@ class TitleTrie:
                 if token == self.eos_token_id:
                     self.num_sequences += 1
             node = child
+        return tokens
 
     @property
     def num_nodes(self) -> int:
