@@ -29,7 +29,10 @@ advantage, the LLM trained too), `d3` (wo-reasoning's model decoded with length 
 D³ without its ensemble, which the paper omits too), `rl-batch-d3` (rl-batch's model, length
 penalty 0), `n2`/`n4`/`n8` (LatentR³ with N latent tokens, SFT + RL in one run), and
 `baselines` (`python -m fastlatent.baselines`: SASRec, GRU4Rec, Caser and popularity on the
-same rows). Every LLM variant is one `python -m fastlatent.train` process in its own folder
+same rows). table2's studies of RL: `--sigma-variants 0.1,0.3` adds `rl-batch-sigma0.1`, ...
+(rl-batch at that noise scale); `--rl-steps-variants 160 --rl-steps-sigma 0.32` adds
+`rl-batch-steps160-sigma0.32` (160 RL steps on 160 x --rl-batch-size new prompts).
+Every LLM variant is one `python -m fastlatent.train` process in its own folder
 with one seed, data and evaluation-row budget, so every variant is evaluated on the same
 seeded rows (checked: a report refuses variants whose rows differ) and every comparison
 is paired (rows resampled together).
@@ -169,6 +172,12 @@ def build_parser(prog: str | None = None, *, target: str | None = None,
                    help="comma-separated extra sigmas (table2): each adds a '+RL (batch adv.)' "
                    "variant with that noise scale (sigma is absolute, and the paper's 1.5 was "
                    "set for Qwen2.5's scale)")
+    p.add_argument("--rl-steps-variants", default="",
+                   help="comma-separated RL lengths (table2): each adds a '+RL (batch adv.)' "
+                   "variant of that many steps from the same SFT model, on as many new "
+                   "prompts (steps x the budget's --rl-batch-size, each prompt once)")
+    p.add_argument("--rl-steps-sigma", default="",
+                   help="the sigma of the --rl-steps-variants (default: fastlatent's)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="further fastlatent.train flags for every LLM variant (after --extra)")
     if target is not None:
@@ -176,19 +185,42 @@ def build_parser(prog: str | None = None, *, target: str | None = None,
     return p
 
 
+def rl_batch_size(args: argparse.Namespace) -> int:
+    """The budget's RL prompts per step, as fastlatent.train resolves them."""
+    from fastlatent.train import parse_config
+
+    return parse_config([*BUDGETS[args.budget], *args.extra]).rl.rl_batch_size
+
+
+def study_variants(args: argparse.Namespace) -> list[Variant]:
+    """Table 2's extra '+RL (batch adv.)' variants: one per --sigma-variants value and one
+    per --rl-steps-variants length, each from the SFT-only model."""
+    rl = ["--stage", "rl", "--advantage", "batch"]
+    out = [Variant(f"rl-batch-sigma{s}", f"+RL (batch adv., σ={s})", "rl",
+                   [*rl, "--sigma", s], after=REFERENCE)
+           for s in args.sigma_variants.split(",") if s]
+    sigma = args.rl_steps_sigma
+    for n in (n for n in args.rl_steps_variants.split(",") if n):
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"--rl-steps-variants: {n!r} is not a positive step count")
+        name = f"rl-batch-steps{n}" + (f"-sigma{sigma}" if sigma else "")
+        label = f"+RL (batch adv., {n} steps" + (f", σ={sigma})" if sigma else ")")
+        flags = [*rl, "--rl-max-steps", n, "--rl-limit", str(int(n) * rl_batch_size(args)),
+                 *(["--sigma", sigma] if sigma else [])]
+        out.append(Variant(name, label, "rl", flags, after=REFERENCE))
+    return out
+
+
 def all_variants(args: argparse.Namespace) -> list[Variant]:
-    """Every variant in run order, with one RL variant per --sigma-variants value."""
-    sigma = [Variant(f"rl-batch-sigma{s}", f"+RL (batch adv., σ={s})", "rl",
-                     ["--stage", "rl", "--advantage", "batch", "--sigma", s], after=REFERENCE)
-             for s in args.sigma_variants.split(",") if s]
+    """Every variant in run order, with table 2's sigma and RL-length variants."""
     at = [v.name for v in VARIANTS].index("rl-group") + 1
-    return VARIANTS[:at] + sigma + VARIANTS[at:]
+    return VARIANTS[:at] + study_variants(args) + VARIANTS[at:]
 
 
 def target_variants(target: str, args: argparse.Namespace) -> list[str]:
     names = TARGET_VARIANTS[target]
     if target == "table2":
-        names = names + [v.name for v in all_variants(args) if v.name.startswith("rl-batch-sigma")]
+        names = names + [v.name for v in study_variants(args)]
     return names
 
 
@@ -233,7 +265,10 @@ def parse_args(argv: list[str] | None, **parser_kwargs: Any) -> tuple[argparse.N
         parser.error(f"unknown target {args.target!r}; choose from {', '.join(TARGETS)}, all")
     if (problem := check_data(args)) is not None:
         parser.error(problem)
-    variants = all_variants(args)
+    try:
+        variants = all_variants(args)
+    except ValueError as e:
+        parser.error(str(e))
     names = ([v.name for v in variants] if args.target == "all"
              else target_variants(args.target, args))
     allowed = [v.name for v in with_dependencies(names, variants)]

@@ -212,6 +212,30 @@ def test_all_runs_every_variant_once_after_the_ones_it_starts_from(paper, tmp_pa
     assert [v.name for v in chosen] == ["sft-only", "rl-exact-match"]  # its SFT is added
 
 
+def test_rl_length_variants_train_longer_on_as_many_new_prompts(paper, tmp_path):
+    args, chosen, _ = harness(paper, "table2", tmp_path, "--budget", "cpu",
+                              "--rl-steps-variants", "80,160", "--rl-steps-sigma", "0.32",
+                              "--only", "rl-batch-steps160-sigma0.32")
+    assert [v.name for v in chosen] == ["sft-only", "rl-batch-steps160-sigma0.32"]
+    v = chosen[1]
+    assert v.after == "sft-only" and v.stage == "rl"
+    cmd = paper.variant_command(v, args, tmp_path)
+    # the variant's flags come after the budget's, so they are the ones that count
+    from fastlatent.train import parse_config
+    cfg = parse_config(cmd[cmd.index("fastlatent.train") + 1:])
+    assert (cfg.rl.rl_max_steps, cfg.data.rl_limit, cfg.rl.sigma) == (160, 160 * 8, 0.32)
+    assert "rl-batch-steps80-sigma0.32" in paper.target_variants("table2", args)
+    _, _, variants = harness(paper, "table2", tmp_path, "--rl-steps-variants", "40")
+    assert "rl-batch-steps40" in [v.name for v in variants]  # no sigma: fastlatent's own
+
+
+def test_a_bad_rl_length_is_one_line(paper, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        harness(paper, "table2", tmp_path, "--rl-steps-variants", "0")
+    assert e.value.code == 2
+    assert "--rl-steps-variants: '0' is not a positive step count" in capsys.readouterr().err
+
+
 def test_a_failed_variant_is_one_line_and_its_dependents_are_skipped(paper, tmp_path,
                                                                      monkeypatch):
     def failing(v, args, out):
