@@ -2,7 +2,7 @@
 
 RecBole (the ``baselines`` extra) was released for numpy 1, pandas 1/2 and torch < 2.6.
 Each shim below is one function with the reason it exists; :mod:`fastlatent.baselines`
-applies them and tests/test_baselines.py tests each. Nothing happens at import: recbole
+applies them and tests/cli/test_baselines.py tests each. Nothing happens at import: recbole
 itself is imported only inside the functions, and never ``recbole.quick_start``.
 """
 

@@ -6,7 +6,7 @@ against (the oracle ``naive_beam_search`` of the test helpers). It re-runs the p
 through ``llm.generate`` with a ``prefix_allowed_tokens_fn`` over a
 :class:`~fastlatent.data.trie.TitleTrie`.
 
-What the installed transformers (5.x) does, checked by ``tests/test_naive_beam_search.py``:
+What the installed transformers (5.x) does, checked by ``tests/engine/test_naive_beam_search.py``:
 
 - With ``inputs_embeds`` and no ``input_ids``, ``generate`` starts from an empty
   ``[B, 0]`` id tensor, so ``prefix_allowed_tokens_fn`` sees the generated tokens only.

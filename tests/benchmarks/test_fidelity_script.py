@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fidelity.py"
 
 
 def run_fidelity(out: Path, *extra: str) -> str:

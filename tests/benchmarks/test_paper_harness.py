@@ -15,7 +15,7 @@ import pytest
 
 from fastlatent.metrics import summarize
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "paper.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "paper.py"
 FIDELITY = SCRIPT.with_name("fidelity.py")
 SMOKE = ["--data", "synthetic", "--train-split", "train", "--eval-split", "test",
          "--budget", "smoke", "--model", "tiny-random"]

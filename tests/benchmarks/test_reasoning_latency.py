@@ -18,7 +18,7 @@ from fastlatent.engine.beam_search import engine_beam_search
 from fastlatent.engine.decoder import Decoder
 from fastlatent.evaluate import build_title_trie
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 USERS = 5
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_within_prompt_share_is_zero_without_noise_and_grows_with_it(tiny_reasoner, tmp_path,

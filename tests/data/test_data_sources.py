@@ -22,7 +22,7 @@ from fastlatent.data.movielens import (
 from fastlatent.data.sources import holdout_slice, item_frequencies, load_dataset
 from fastlatent.data.synthetic import make_synthetic
 
-AMAZON_CDS = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-cds"
+AMAZON_CDS = Path(__file__).resolve().parents[3] / "shared" / "data" / "amazon-cds"
 TITLES = ["A", "B", "C", "D", "E", "F"]
 
 

@@ -16,7 +16,7 @@ from fastlatent.data.tokenizer import add_thought_token, train_title_tokenizer
 # Copied from LATENTR3.md, "Prompt and target" (typos are the release's).
 RELEASE_PREAMBLE = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request. \n\n### Instruction:\nGiven a list of musics the user recetenly enjoy, please write a new musics that the user may bought\n"  # noqa: E501
 RELEASE_USER_INPUT = "### User Input: \nThe user has palyed the following musicss before: {HISTORY}\n\n### Response: \n"  # noqa: E501
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "reference" / "LATENTR3.md"
+SPEC = Path(__file__).resolve().parents[3] / "shared" / "reference" / "LATENTR3.md"
 
 EXAMPLE = Example(user="u1", history=("Kansas", "Point of Know Return", 'The "Black" Album'),
                   target="Monolith", target_item=3, target_time=100)

@@ -8,6 +8,8 @@ varied title lengths and more titles than beams, and a trie with fewer titles th
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -209,15 +211,22 @@ def engine_calls(monkeypatch):
     return calls
 
 
+@contextlib.contextmanager
+def hf_forwards_counted(reasoner):
+    """A list that gets one entry per call of the Hugging Face model's own forward."""
+    calls = []
+    handle = reasoner.llm.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
 def test_each_prompt_is_encoded_once(reasoner, builder, catalogue_trie, synthetic_dataset,
                                      engine_calls):
     ids, mask = prompts(builder, synthetic_dataset, 0, 5)
-    hf_forwards = []
-    handle = reasoner.llm.register_forward_pre_hook(lambda *args: hf_forwards.append(1))
-    try:
+    with hf_forwards_counted(reasoner) as hf_forwards:
         engine_beam_search(reasoner, ids, mask, catalogue_trie, num_beams=4, num_return=4)
-    finally:
-        handle.remove()
     assert engine_calls["prefix"] == [5]  # one prefix pass, one row per user
     assert hf_forwards == []
     # Inside it, the 5 prompts' own tokens as one group over their common start; then one
@@ -243,12 +252,8 @@ def test_stops_at_the_same_step_as_hf(reasoner, builder, varied_trie, synthetic_
     # Here HF's early_stopping=False heuristic ends the search one step before the
     # longest title (5 model passes, not 6).
     ids, mask = prompts(builder, synthetic_dataset, 4, 4)
-    hf_forwards = []
-    handle = reasoner.llm.register_forward_pre_hook(lambda *args: hf_forwards.append(1))
-    try:
+    with hf_forwards_counted(reasoner) as hf_forwards:
         check_against_naive(reasoner, ids, mask, varied_trie, num_beams=2, num_return=2)
-    finally:
-        handle.remove()
     assert len(hf_forwards) < varied_trie.max_length
     assert len(engine_calls["steps"]) == len(hf_forwards)
 
