@@ -30,8 +30,8 @@ D³ without its ensemble, which the paper omits too), `rl-batch-d3` (rl-batch's 
 penalty 0), `n2`/`n4`/`n8` (LatentR³ with N latent tokens, SFT + RL in one run), and
 `baselines` (`python -m fastlatent.baselines`: SASRec, GRU4Rec, Caser and popularity on the
 same rows). table2's studies of RL: `--sigma-variants 0.1,0.3` adds `rl-batch-sigma0.1`, ...
-(rl-batch at that noise scale); `--rl-steps-variants 160 --rl-steps-sigma 0.32` adds
-`rl-batch-steps160-sigma0.32` (160 RL steps on 160 x --rl-batch-size new prompts).
+(rl-batch at that noise scale); `--rl-variant steps=160,sigma=0.32,lr=1e-4` adds
+`rl-batch-steps160-sigma0.32-lr1e-4` (160 RL steps on 160 x --rl-batch-size new prompts).
 Every LLM variant is one `python -m fastlatent.train` process in its own folder
 with one seed, data and evaluation-row budget, so every variant is evaluated on the same
 seeded rows (checked: a report refuses variants whose rows differ) and every comparison
@@ -172,12 +172,11 @@ def build_parser(prog: str | None = None, *, target: str | None = None,
                    help="comma-separated extra sigmas (table2): each adds a '+RL (batch adv.)' "
                    "variant with that noise scale (sigma is absolute, and the paper's 1.5 was "
                    "set for Qwen2.5's scale)")
-    p.add_argument("--rl-steps-variants", default="",
-                   help="comma-separated RL lengths (table2): each adds a '+RL (batch adv.)' "
-                   "variant of that many steps from the same SFT model, on as many new "
-                   "prompts (steps x the budget's --rl-batch-size, each prompt once)")
-    p.add_argument("--rl-steps-sigma", default="",
-                   help="the sigma of the --rl-steps-variants (default: fastlatent's)")
+    p.add_argument("--rl-variant", action="append", default=[], metavar="KEY=VALUE,...",
+                   help="an extra table2 '+RL (batch adv.)' variant from the same SFT model, "
+                   "with any of steps=N (N RL steps on N x the budget's --rl-batch-size new "
+                   "prompts, each once), sigma=S, lr=L; repeat the flag for more (e.g. "
+                   "steps=160,sigma=0.32,lr=1e-4 runs rl-batch-steps160-sigma0.32-lr1e-4)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="further fastlatent.train flags for every LLM variant (after --extra)")
     if target is not None:
@@ -192,23 +191,39 @@ def rl_batch_size(args: argparse.Namespace) -> int:
     return parse_config([*BUDGETS[args.budget], *args.extra]).rl.rl_batch_size
 
 
+RL_VARIANT_KEYS = {"steps": "--rl-max-steps", "sigma": "--sigma", "lr": "--rl-lr"}
+
+
+def rl_variant(spec: str, args: argparse.Namespace) -> Variant:
+    """One --rl-variant: 'steps=160,sigma=0.32,lr=1e-4' -> rl-batch-steps160-sigma0.32-lr1e-4."""
+    settings: dict[str, str] = {}
+    for part in spec.split(","):
+        key, _, value = part.partition("=")
+        if key not in RL_VARIANT_KEYS or not value or key in settings:
+            raise ValueError(f"--rl-variant {spec!r}: expected KEY=VALUE pairs with the keys "
+                             f"{', '.join(RL_VARIANT_KEYS)}, each at most once")
+        settings[key] = value
+    steps = settings.get("steps")
+    if steps is not None and (not steps.isdigit() or int(steps) < 1):
+        raise ValueError(f"--rl-variant {spec!r}: steps={steps} is not a positive step count")
+    flags = ["--stage", "rl", "--advantage", "batch"]
+    for key in RL_VARIANT_KEYS:  # the name and flags in one order, whatever the spec's
+        if key in settings:
+            flags += [RL_VARIANT_KEYS[key], settings[key]]
+    if steps is not None:
+        flags += ["--rl-limit", str(int(steps) * rl_batch_size(args))]
+    name = "rl-batch" + "".join(f"-{k}{settings[k]}" for k in RL_VARIANT_KEYS if k in settings)
+    words = {"steps": "{} steps", "sigma": "σ={}", "lr": "lr {}"}
+    label = ", ".join(words[k].format(settings[k]) for k in RL_VARIANT_KEYS if k in settings)
+    return Variant(name, f"+RL (batch adv., {label})", "rl", flags, after=REFERENCE)
+
+
 def study_variants(args: argparse.Namespace) -> list[Variant]:
-    """Table 2's extra '+RL (batch adv.)' variants: one per --sigma-variants value and one
-    per --rl-steps-variants length, each from the SFT-only model."""
-    rl = ["--stage", "rl", "--advantage", "batch"]
-    out = [Variant(f"rl-batch-sigma{s}", f"+RL (batch adv., σ={s})", "rl",
-                   [*rl, "--sigma", s], after=REFERENCE)
-           for s in args.sigma_variants.split(",") if s]
-    sigma = args.rl_steps_sigma
-    for n in (n for n in args.rl_steps_variants.split(",") if n):
-        if not n.isdigit() or int(n) < 1:
-            raise ValueError(f"--rl-steps-variants: {n!r} is not a positive step count")
-        name = f"rl-batch-steps{n}" + (f"-sigma{sigma}" if sigma else "")
-        label = f"+RL (batch adv., {n} steps" + (f", σ={sigma})" if sigma else ")")
-        flags = [*rl, "--rl-max-steps", n, "--rl-limit", str(int(n) * rl_batch_size(args)),
-                 *(["--sigma", sigma] if sigma else [])]
-        out.append(Variant(name, label, "rl", flags, after=REFERENCE))
-    return out
+    """Table 2's extra '+RL (batch adv.)' variants, each from the SFT-only model: one per
+    --sigma-variants value and one per --rl-variant (the same name once)."""
+    specs = [f"sigma={s}" for s in args.sigma_variants.split(",") if s] + args.rl_variant
+    variants = {v.name: v for v in (rl_variant(spec, args) for spec in specs)}
+    return list(variants.values())
 
 
 def all_variants(args: argparse.Namespace) -> list[Variant]:

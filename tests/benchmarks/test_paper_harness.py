@@ -212,28 +212,35 @@ def test_all_runs_every_variant_once_after_the_ones_it_starts_from(paper, tmp_pa
     assert [v.name for v in chosen] == ["sft-only", "rl-exact-match"]  # its SFT is added
 
 
-def test_rl_length_variants_train_longer_on_as_many_new_prompts(paper, tmp_path):
+def test_rl_variants_train_longer_on_as_many_new_prompts(paper, tmp_path):
+    from fastlatent.train import parse_config
+
     args, chosen, _ = harness(paper, "table2", tmp_path, "--budget", "cpu",
-                              "--rl-steps-variants", "80,160", "--rl-steps-sigma", "0.32",
-                              "--only", "rl-batch-steps160-sigma0.32")
-    assert [v.name for v in chosen] == ["sft-only", "rl-batch-steps160-sigma0.32"]
+                              "--rl-variant", "steps=80,sigma=0.32",
+                              "--rl-variant", "lr=1e-4,steps=160,sigma=0.32",
+                              "--only", "rl-batch-steps160-sigma0.32-lr1e-4")
+    assert [v.name for v in chosen] == ["sft-only", "rl-batch-steps160-sigma0.32-lr1e-4"]
     v = chosen[1]
     assert v.after == "sft-only" and v.stage == "rl"
+    assert v.label == "+RL (batch adv., 160 steps, σ=0.32, lr 1e-4)"
     cmd = paper.variant_command(v, args, tmp_path)
     # the variant's flags come after the budget's, so they are the ones that count
-    from fastlatent.train import parse_config
     cfg = parse_config(cmd[cmd.index("fastlatent.train") + 1:])
-    assert (cfg.rl.rl_max_steps, cfg.data.rl_limit, cfg.rl.sigma) == (160, 160 * 8, 0.32)
+    assert (cfg.rl.rl_max_steps, cfg.data.rl_limit, cfg.rl.sigma, cfg.rl.rl_lr) == (
+        160, 160 * 8, 0.32, 1e-4)
     assert "rl-batch-steps80-sigma0.32" in paper.target_variants("table2", args)
-    _, _, variants = harness(paper, "table2", tmp_path, "--rl-steps-variants", "40")
-    assert "rl-batch-steps40" in [v.name for v in variants]  # no sigma: fastlatent's own
+    # --sigma-variants 0.5 and --rl-variant sigma=0.5 are one variant
+    _, _, variants = harness(paper, "table2", tmp_path, "--sigma-variants", "0.5",
+                             "--rl-variant", "sigma=0.5")
+    assert [v.name for v in variants].count("rl-batch-sigma0.5") == 1
 
 
-def test_a_bad_rl_length_is_one_line(paper, tmp_path, capsys):
+@pytest.mark.parametrize("spec", ["steps=0", "steps=x", "noise=1", "sigma=", "lr=1,lr=2"])
+def test_a_bad_rl_variant_is_one_line(paper, tmp_path, capsys, spec):
     with pytest.raises(SystemExit) as e:
-        harness(paper, "table2", tmp_path, "--rl-steps-variants", "0")
+        harness(paper, "table2", tmp_path, "--rl-variant", spec)
     assert e.value.code == 2
-    assert "--rl-steps-variants: '0' is not a positive step count" in capsys.readouterr().err
+    assert f"--rl-variant {spec!r}" in capsys.readouterr().err
 
 
 def test_a_failed_variant_is_one_line_and_its_dependents_are_skipped(paper, tmp_path,
