@@ -98,6 +98,13 @@ def plot_run(out: str | Path) -> list[Path]:
         ax.set(xlabel="RL step", ylabel="reward (−perplexity)", title="RL reward")
         ax.legend()
         save(fig, "rl_reward.png")
+    steps, norm = series(records, "rl", "step", "latent_norm_r0")
+    if steps:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        ax.plot(steps, norm)
+        ax.set(xlabel="RL step", ylabel="mean ‖r⁰‖ over the step's prompts",
+               title="RL latent norm")
+        save(fig, "rl_latent_norm.png")
     norms = {stage: series(records, stage, "step", "grad_norm") for stage in ("sft", "rl")}
     if any(xs for xs, _ in norms.values()):
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))

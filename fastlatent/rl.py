@@ -59,6 +59,8 @@ class RLBatchResult:
     loss: float
     rewards: torch.Tensor  # [B, K] float32
     advantages: torch.Tensor  # [B, K] float32
+    latent_norm: torch.Tensor  # [B] float32 ||r^0||: RL that drives it far from its SFT
+    # size takes the LLM off the inputs it was trained on (a sign of divergence)
 
 
 def freeze_llm(reasoner: LatentReasoner) -> list[torch.nn.Parameter]:
@@ -137,6 +139,8 @@ def accumulate_rl_gradients(reasoner: LatentReasoner, batch: Sequence[EncodedExa
         outs = {start: forward(start) for start in mine}
     rewards = gather_rows({start: out.rewards for start, out in outs.items()}, starts,
                           reasoner.device)
+    latent_norm = gather_rows({start: out.latent_norm for start, out in outs.items()}, starts,
+                              reasoner.device)
     advantages = grpo_advantages(rewards, pool=cfg.advantage)
     loss = 0.0
     for start in mine:
@@ -148,7 +152,7 @@ def accumulate_rl_gradients(reasoner: LatentReasoner, batch: Sequence[EncodedExa
         loss += float(part.detach()) * share
     distributed.all_reduce_gradients(reasoner.ratt.parameters() if params is None else params)
     (loss,) = distributed.sum_floats(loss)
-    return RLBatchResult(loss, rewards, advantages)
+    return RLBatchResult(loss, rewards, advantages, latent_norm)
 
 
 def gather_rows(local: dict[int, torch.Tensor], starts: Sequence[int],
@@ -234,6 +238,7 @@ def run_rl(reasoner: LatentReasoner, prompts: Sequence[EncodedExample], cfg: RLC
                           reward_std_within=float(out.rewards.std(dim=1).mean())
                           if cfg.num_samples > 1 else 0.0,
                           mean_noisy_advantage=float(noisy.mean()) if noisy.numel() else 0.0,
+                          latent_norm_r0=float(out.latent_norm.mean()),
                           grad_norm=grad_norm, lr=lr, prompts=len(batch), skipped=not applied,
                           seconds=round(seconds, 4),
                           # groups whose K rewards are all equal: zero advantage, no signal

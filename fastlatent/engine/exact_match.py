@@ -163,4 +163,5 @@ def exact_match_rl_step(reasoner: LatentReasoner, batch: Batch, *, noise: torch.
     answer_ids, answer_mask = answers.token_ids[:, :span], answers.mask[:, :span]
     logp = score_targets(decoder, prefix, latents, answer_ids, answer_mask, k,
                          backend=backend)
-    return RLStepOutput(logp.view(b, k, -1), answer_mask.view(b, k, -1), rewards)
+    return RLStepOutput(logp.view(b, k, -1), answer_mask.view(b, k, -1), rewards,
+                        first[:, 0].detach().float().norm(dim=-1))

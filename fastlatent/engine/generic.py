@@ -89,7 +89,8 @@ def generic_rl_step(reasoner: LatentReasoner, batch: Batch, *, noise: torch.Tens
         rows.append(torch.nn.functional.pad(logp, (0, t - n_target)))
     token_logprobs = torch.stack(rows)  # [B, K, T]
     rewards = negative_perplexity(token_logprobs.detach(), batch.target_mask[:, None, :])
-    return RLStepOutput(token_logprobs, batch.target_mask, rewards)
+    return RLStepOutput(token_logprobs, batch.target_mask, rewards,
+                        r.detach().float().norm(dim=-1))
 
 
 def _unsupported(reasoner: LatentReasoner) -> UnsupportedModelError | None:

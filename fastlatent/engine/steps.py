@@ -29,6 +29,7 @@ class RLStepOutput:
     token_logprobs: torch.Tensor  # [B, K, T] float32 with its graph, 0 at padding
     mask: torch.Tensor  # the tokens the loss averages: [B, T], or [B, K, T] per row
     rewards: torch.Tensor  # [B, K] float32, constants
+    latent_norm: torch.Tensor  # [B] float32 ||r^0|| of each prompt's first latent, constants
 
 
 def check_noise(noise: torch.Tensor, batch: int, hidden_size: int) -> int:
@@ -90,4 +91,5 @@ def rl_step(reasoner: LatentReasoner, batch: Batch, *, noise: torch.Tensor, sigm
                          batch.target_mask.repeat_interleave(k, 0), k, backend=backend)
     token_logprobs = logp.view(b, k, -1)
     rewards = negative_perplexity(token_logprobs.detach(), batch.target_mask[:, None, :])
-    return RLStepOutput(token_logprobs, batch.target_mask, rewards)
+    return RLStepOutput(token_logprobs, batch.target_mask, rewards,
+                        first[:, 0].detach().float().norm(dim=-1))

@@ -64,6 +64,18 @@ def test_rl_step_matches_naive(tiny_reasoner, tiny_batch, k, pool):
                        atol=1e-3)
 
 
+@pytest.mark.parametrize("step", [rl_step, generic_rl_step], ids=["engine", "generic"])
+def test_rl_steps_report_the_norm_of_the_noiseless_latent(tiny_reasoner, tiny_batch, step):
+    freeze_llm(tiny_reasoner)
+    noise = sample_noise(len(tiny_batch), 4, tiny_reasoner.llm.config.hidden_size,
+                         generator=torch.Generator().manual_seed(3))
+    out = step(tiny_reasoner, tiny_batch, noise=noise, sigma=5.0)
+    with torch.no_grad():
+        r0 = tiny_reasoner.latent(tiny_batch.prompt_ids, tiny_batch.prompt_mask).float()
+    assert out.latent_norm.shape == (len(tiny_batch),) and not out.latent_norm.requires_grad
+    torch.testing.assert_close(out.latent_norm, r0.norm(dim=-1), rtol=1e-5, atol=1e-5)
+
+
 def test_rl_step_sampled_noise_is_seeded_and_r0_is_noise_free(tiny_reasoner, tiny_batch):
     freeze_llm(tiny_reasoner)
     d = tiny_reasoner.llm.config.hidden_size

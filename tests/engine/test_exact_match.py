@@ -139,6 +139,9 @@ def test_equal_rewards_give_zero_advantages_not_nan(tiny_reasoner, tiny_batch, t
     assert bool((out.rewards == out.rewards[:, :1]).all())
     assert torch.equal(advantages, torch.zeros_like(advantages))
     assert torch.isfinite(loss) and float(loss) == 0.0
+    with torch.no_grad():
+        r0 = tiny_reasoner.latent(tiny_batch.prompt_ids, tiny_batch.prompt_mask).float()
+    torch.testing.assert_close(out.latent_norm, r0.norm(dim=-1), rtol=1e-5, atol=1e-5)
 
 
 def test_rewards_compare_the_whole_written_path():

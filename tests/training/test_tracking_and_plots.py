@@ -36,7 +36,7 @@ def test_tensorboard_holds_the_numbers_of_the_log(smoke_run):
     scalars = tensorboard_scalars(smoke_run)
     records = read_records(smoke_run)
     for stage, field in (("sft", "loss"), ("sft", "grad_norm"), ("rl", "reward_r0"),
-                         ("rl", "reward_all"), ("rl", "loss")):
+                         ("rl", "reward_all"), ("rl", "loss"), ("rl", "latent_norm_r0")):
         steps, values = series(records, stage, "step", field)
         assert len(steps) > 0
         got = scalars[f"{stage}/{field}"]
@@ -51,7 +51,8 @@ def test_tensorboard_holds_the_numbers_of_the_log(smoke_run):
 
 def test_every_run_leaves_its_plots(smoke_run):
     names = sorted(p.name for p in (smoke_run / "plots").iterdir())
-    assert names == ["grad_norm.png", "metrics.png", "rl_reward.png", "sft_loss.png"]
+    assert names == ["grad_norm.png", "metrics.png", "rl_latent_norm.png", "rl_reward.png",
+                     "sft_loss.png"]
     for name in names:
         assert (smoke_run / "plots" / name).read_bytes()[:8] == PNG
 
