@@ -184,11 +184,11 @@ def build_parser(prog: str | None = None, *, target: str | None = None,
     return p
 
 
-def rl_batch_size(args: argparse.Namespace) -> int:
-    """The budget's RL prompts per step, as fastlatent.train resolves them."""
+def budget_config(args: argparse.Namespace):
+    """The budget's flags (and --extra) as fastlatent.train resolves them."""
     from fastlatent.train import parse_config
 
-    return parse_config([*BUDGETS[args.budget], *args.extra]).rl.rl_batch_size
+    return parse_config([*BUDGETS[args.budget], *args.extra])
 
 
 RL_VARIANT_KEYS = {"steps": "--rl-max-steps", "sigma": "--sigma", "lr": "--rl-lr"}
@@ -211,7 +211,7 @@ def rl_variant(spec: str, args: argparse.Namespace) -> Variant:
         if key in settings:
             flags += [RL_VARIANT_KEYS[key], settings[key]]
     if steps is not None:
-        flags += ["--rl-limit", str(int(steps) * rl_batch_size(args))]
+        flags += ["--rl-limit", str(int(steps) * budget_config(args).rl.rl_batch_size)]
     name = "rl-batch" + "".join(f"-{k}{settings[k]}" for k in RL_VARIANT_KEYS if k in settings)
     words = {"steps": "{} steps", "sigma": "σ={}", "lr": "lr {}"}
     label = ", ".join(words[k].format(settings[k]) for k in RL_VARIANT_KEYS if k in settings)
@@ -296,19 +296,12 @@ def parse_args(argv: list[str] | None, **parser_kwargs: Any) -> tuple[argparse.N
 
 
 # ---- running the variants --------------------------------------------------------------
-def eval_limit(args: argparse.Namespace) -> int:
-    """The budget's evaluation rows (0 = all), as fastlatent.train resolves them."""
-    from fastlatent.train import parse_config
-
-    return parse_config([*BUDGETS[args.budget], *args.extra]).data.eval_limit
-
-
 def variant_command(v: Variant, args: argparse.Namespace, out: Path) -> list[str]:
     if v.kind == "baselines":
         return [sys.executable, "-m", "fastlatent.baselines", "--data", args.data,
                 "--train-split", args.train_split, "--eval-split", args.eval_split,
                 "--models", ",".join(BASELINE_MODELS), "--output-dir", str(out / v.name),
-                "--seed", str(args.seed), "--eval-limit", str(eval_limit(args)),
+                "--seed", str(args.seed), "--eval-limit", str(budget_config(args).data.eval_limit),
                 *BASELINE_BUDGETS[args.budget]]
     # --baselines none: the traditional models are the harness's own `baselines` variant
     cmd = [sys.executable, "-m", "fastlatent.train", *budget_flags(args.budget, v.flags),

@@ -137,10 +137,10 @@ def accumulate_rl_gradients(reasoner: LatentReasoner, batch: Sequence[EncodedExa
     keep_graphs = len(mine) == 1
     with torch.set_grad_enabled(keep_graphs and torch.is_grad_enabled()):
         outs = {start: forward(start) for start in mine}
-    rewards = gather_rows({start: out.rewards for start, out in outs.items()}, starts,
-                          reasoner.device)
-    latent_norm = gather_rows({start: out.latent_norm for start, out in outs.items()}, starts,
-                              reasoner.device)
+    # one gather (a collective under torchrun) for both: rewards [B, K] and ||r0|| [B]
+    gathered = gather_rows({start: torch.cat((out.rewards, out.latent_norm[:, None]), 1)
+                            for start, out in outs.items()}, starts, reasoner.device)
+    rewards, latent_norm = gathered[:, :-1], gathered[:, -1]
     advantages = grpo_advantages(rewards, pool=cfg.advantage)
     loss = 0.0
     for start in mine:
